@@ -1,0 +1,44 @@
+"""Helpers shared by the tests: load a numbered script as a module, run one as a subprocess.
+
+Scripts start with a digit (01_forward.py), so `import 01_forward` is a syntax error: they are loaded
+by path with importlib. Loading runs only the module's top level (definitions), never `main`.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_loaded = {}
+
+
+def load_script(name):
+    """Import ROOT/<name>.py (e.g. "01_forward") and return the module; cached per session."""
+    if name not in _loaded:
+        path = ROOT / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"lesson_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses and pickling look modules up here
+        spec.loader.exec_module(module)
+        _loaded[name] = module
+    return _loaded[name]
+
+
+def run_script(name, *args, timeout=600, cwd=None, env=None):
+    """Run `python <name>.py args...` in a subprocess; return (exit status, stdout, stderr)."""
+    full_env = dict(os.environ)
+    full_env.setdefault("OMP_NUM_THREADS", "2")
+    if env:
+        full_env.update(env)
+    proc = subprocess.run([sys.executable, str(ROOT / f"{name}.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT, env=full_env)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="session")
+def lesson():
+    """lesson("01_forward") -> the loaded module."""
+    return load_script
