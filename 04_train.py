@@ -142,6 +142,8 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0)
     a("--out", default="figures", help="folder for the figures")
     a("--quick", action="store_true", help="tiny settings for a smoke test (seconds)")
+    a("--bench", type=int, default=0, metavar="STEPS",
+      help="instead of training: STEPS steps in fp32 and in bf16 autocast, speed and loss compared")
     args = p.parse_args(argv)
     if args.dataset not in DATASETS:
         fail(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
@@ -545,11 +547,12 @@ def load_dataset(name, data_dir, size, seed, n_shapes=10_000):
         except (FileNotFoundError, RuntimeError) as e:
             fail(f"no images found under {data_dir!r} ({str(e).splitlines()[0]}); put them in sub-folders, "
                  "one per class, e.g. DIR/cats/1.png")
+        grey = all(Image.open(path).mode in ("1", "L") for path, _ in ds.samples)  # keep 1 channel for greyscale
         pics = []
         for path, _ in ds.samples:
-            img = Image.open(path).convert("RGB")
+            img = Image.open(path).convert("L" if grey else "RGB")
             img = TF.center_crop(TF.resize(img, size, antialias=True), size)
-            pics.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+            pics.append(TF.pil_to_tensor(img))  # uint8 [C, size, size]
         return torch.stack(pics), torch.tensor(ds.targets), ds.classes
     cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
            "cifar10": torchvision.datasets.CIFAR10}[name]
@@ -684,6 +687,70 @@ def frechet_distance(f1, f2):
 
 
 
+# %% One training step (Ho et al. 2020, Algorithm 1, with warmup, clipping and EMA)
+def draw_batch(images, shard, args, gen, device):
+    """x_0 from the data, t uniform in [0, T-1], eps ~ N(0, I): every draw from one generator,
+    so a resumed run that restores it continues exactly."""
+    x0 = get_batch(images, shard, args.batch_size, gen, args.hflip).to(device, non_blocking=True)
+    t = torch.randint(args.T, (args.batch_size,), generator=gen).to(device)
+    eps = torch.randn(x0.shape, generator=gen).to(device)
+    return x0, t, eps
+
+
+def train_step(net, model, ema, opt, x0, t, eps, alpha_bar, step, args, autocast):
+    """Returns (loss, per-sample losses [B]); skips the update when the loss is not finite.
+    `net` is what runs forward (the model, compiled or wrapped in DDP); `model` owns the weights."""
+    ab = alpha_bar[t].float().view(-1, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps  # q_sample
+    for group in opt.param_groups:
+        group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))  # linear warmup
+    with autocast():
+        out = net(x_t, t)
+    per_sample = (out.float() - target_of(args.pred, x0, eps, ab)).square().mean((1, 2, 3))  # [B]
+    loss = (loss_weight(args.loss_weight, args.pred, ab.view(-1)) * per_sample).mean()
+    if not torch.isfinite(loss):
+        return loss, per_sample
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    opt.step()
+    decay = min(args.ema_decay, (1 + step) / (10 + step))  # EMA warmup: early on, average fewer steps
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - decay)  # ema = decay * ema + (1 - decay) * w
+    return loss, per_sample.detach()
+
+
+def bench_precision(args, images, shard, device, steps):
+    """fp32 against bf16 autocast: the same initial weights and batches, `steps` steps each;
+    prints images/s and the loss in four windows, so speed and the loss curve can be compared."""
+    precisions = ["fp32"] + (["bf16"] if bf16_supported(device) else [])
+    print(f"{'precision':>9} {'images/s':>9} {'GFLOP/s':>8}   mean loss in 4 windows of {steps // 4} steps")
+    rates = {}
+    for name in precisions:
+        torch.manual_seed(args.seed)
+        model = UNet(in_ch=images.shape[1], base_ch=args.base_ch, ch_mult=args.ch_mult).to(device)
+        ema, opt = copy.deepcopy(model), torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+        alpha_bar = alpha_bar_of(cosine_betas(args.T) if args.schedule == "cosine" else linear_betas(args.T)).to(device)
+        gen = torch.Generator().manual_seed(args.seed)
+        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if name == "bf16" else nullcontext
+        losses, times = [], []
+        for step in range(steps):
+            x0, t, eps = draw_batch(images, shard, args, gen, device)
+            tic = time.perf_counter()
+            loss, _ = train_step(model, model, ema, opt, x0, t, eps, alpha_bar, step, args, autocast)
+            losses.append(loss.item())  # .item() waits for the device
+            times.append(time.perf_counter() - tic)
+        with FlopCounterMode(display=False) as counter:
+            model(x0[:1], t[:1])
+        rates[name] = args.batch_size / sorted(times[5:])[len(times[5:]) // 2]  # median after warm-up
+        q = steps // 4
+        windows = "  ".join(f"{sum(losses[i * q:(i + 1) * q]) / q:.4f}" for i in range(4))
+        print(f"{name:>9} {rates[name]:9.1f} {3 * counter.get_total_flops() * rates[name] / 1e9:8.0f}   {windows}")
+    if len(rates) == 2:
+        print(f"bf16 autocast is {rates['bf16'] / rates['fp32']:.2f}x the speed of fp32 here")
+
+
 # %% Checkpoints: one dict, written atomically, loaded without running code
 MODEL_KEYS = ("dataset", "image_size", "channels", "pred", "schedule", "T", "base_ch", "ch_mult")
 
@@ -803,6 +870,8 @@ def main(argv=None):
         images = images.pin_memory()  # host-to-device copies can then overlap compute
     channels = images.shape[1]
     config = dict(vars(args), channels=channels, world=world)
+    if args.bench:
+        return bench_precision(args, images, shard, device, max(args.bench, 20))
 
     # -- model, EMA, optimiser
     torch.manual_seed(args.seed)  # same initial weights on every rank
@@ -874,34 +943,16 @@ def main(argv=None):
     t0, step0, smooth = time.time(), step, None
     try:
         while step < args.steps:
-            x0 = get_batch(images, shard, args.batch_size, gen, args.hflip).to(device, non_blocking=True)
+            x0, t, eps = draw_batch(images, shard, args, gen, device)
             if first:  # the contract that trips people up most: data in [-1, 1]
                 assert x0.min() >= -1 and x0.max() <= 1 and x0.max() > 0, "training data must lie in [-1, 1]"
                 first = False
-            t = torch.randint(args.T, (args.batch_size,), generator=gen).to(device)
-            eps = torch.randn(x0.shape, generator=gen).to(device)
-            ab = alpha_bar[t].float().view(-1, 1, 1, 1)
-            x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps  # q_sample
-            lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with autocast():
-                out = train_model(x_t, t)
-            per_sample = (out.float() - target_of(args.pred, x0, eps, ab)).square().mean((1, 2, 3))  # [B]
-            loss = (loss_weight(args.loss_weight, args.pred, ab.view(-1)) * per_sample).mean()
+            loss, per_sample = train_step(train_model, model, ema, opt, x0, t, eps, alpha_bar, step, args, autocast)
             if not torch.isfinite(loss):
                 if is_main:
                     print(f"\nloss is {loss.item()} at step {step}: stopping; the last good checkpoint is "
                           f"{ckpt_path}. Lower --lr (now {args.lr:g}) and --resume", file=sys.stderr)
                 sys.exit(1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            opt.step()
-            decay = min(args.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - decay)  # ema = decay * ema + (1 - decay) * w
             step += 1
             losses.append(loss.item())
             smooth = losses[-1] if smooth is None else 0.98 * smooth + 0.02 * losses[-1]
@@ -912,7 +963,7 @@ def main(argv=None):
             if is_main and (step % 10 == 0 or step == args.steps):
                 rate = (step - step0) * args.batch_size * world / (time.time() - t0)
                 eta = (args.steps - step) * args.batch_size * world / max(rate, 1e-9)
-                print(f"\rstep {step}/{args.steps}  loss {smooth:.4f}  {rate:.0f} img/s  lr {lr:.1e}  "
+                print(f"\rstep {step}/{args.steps}  loss {smooth:.4f}  {rate:.0f} img/s  "
                       f"ETA {eta / 60:.1f} min ", end="", flush=True)
             if step % args.sample_every == 0 or step == args.steps:
                 if is_main:
