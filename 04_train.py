@@ -846,7 +846,6 @@ def main(argv=None):
     rank, world, ddp_device = setup_distributed(args.device)
     device = ddp_device or pick_device(args.device)
     is_main = rank == 0
-    torch.manual_seed(args.seed + rank)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -945,7 +944,7 @@ def main(argv=None):
         while step < args.steps:
             x0, t, eps = draw_batch(images, shard, args, gen, device)
             if first:  # the contract that trips people up most: data in [-1, 1]
-                assert x0.min() >= -1 and x0.max() <= 1 and x0.max() > 0, "training data must lie in [-1, 1]"
+                assert x0.min() >= -1 and x0.max() <= 1, "training data must lie in [-1, 1]"
                 first = False
             loss, per_sample = train_step(train_model, model, ema, opt, x0, t, eps, alpha_bar, step, args, autocast)
             if not torch.isfinite(loss):
