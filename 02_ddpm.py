@@ -422,9 +422,9 @@ def scatter_panel(d, box, layers, title, lim=3.0, xlabel="x1", ylabel="x2"):
                 d.ellipse([px - r, py - r, px + r, py + r], fill=color)
 
 
-def panel_grid(rows, cols, title, cell=250, plot=190):
-    """A white canvas for rows x cols square plots; returns (image, draw, box(i, j))."""
-    img = Image.new("RGB", (cols * cell + 40, rows * (cell + 20) + 50), "white")
+def panel_grid(rows, cols, title, cell=250, plot=190, foot=0):
+    """A white canvas for rows x cols square plots (and `foot` pixels below); returns (image, draw, box(i, j))."""
+    img = Image.new("RGB", (cols * cell + 40, rows * (cell + 20) + 50 + foot), "white")
     d = ImageDraw.Draw(img)
     d.text((img.width // 2, 8), title, fill="black", font=font(17), anchor="ma")
     box = lambda i, j: (60 + j * cell, 80 + i * (cell + 20), 60 + j * cell + plot, 80 + i * (cell + 20) + plot)
@@ -513,16 +513,16 @@ def main(argv=None):
     # -- figures
     out = lambda f: os.path.join(args.out, f)
     img, d, box = panel_grid(2, len(names), f"data (top) against DDPM samples (bottom), sigma_t^2 = {args.sigma}, "
-                                            f"{args.schedule} schedule")
+                                            f"{args.schedule} schedule; MMD^2 in units of 1e-3")
     for j, n in enumerate(names):
         r = res[n]
         scatter_panel(d, box(0, j), [(r["fresh"], PALETTE[0], 1)], f"{n}: data")
         scatter_panel(d, box(1, j), [(r["samples"][args.sigma], PALETTE[1], 1)],
-                      f"samples: MMD^2 {1e3 * r['mmd'][args.sigma]:.2f}e-3 (floor {1e3 * r['floor']:.2f}e-3)")
+                      f"samples: MMD^2 {1e3 * r['mmd'][args.sigma]:.2f} (floor {1e3 * r['floor']:.2f})")
     img.save(out("02_samples.png"))
 
     img, d, box = panel_grid(len(names), len(traj_ts) + 1, "the reverse process: x_t from t = T-1 (noise) down "
-                             "to the output x_0, same starting noise per row", cell=215, plot=165)
+                             "to the output x_0", cell=215, plot=150)
     for i, n in enumerate(names):
         for j, t in enumerate(traj_ts):
             scatter_panel(d, box(i, j), [(res[n]["snaps"][t], PALETTE[i % 6], 1)], f"{n}: x_t, t = {t}")
@@ -551,8 +551,8 @@ def main(argv=None):
     img.save(out("02_loss_by_t.png"))
 
     img, d, box = panel_grid(1, 3, f"{args.n_memo} {name} training points: the ideal denoiser copies them, the "
-                             "network trained on them does not", cell=300, plot=240)
-    dots = (small, (90, 90, 90), 3)
+                             "network trained on them does not", cell=300, plot=240, foot=20)
+    dots = (small, GREY, 3)
     scatter_panel(d, box(0, 0), [dots], f"the {args.n_memo} training points")
     scatter_panel(d, box(0, 1), [dots, (ideal_x0.cpu(), PALETTE[1], 1)],
                   f"ideal denoiser: {100 * memo['ideal denoiser']:.0f}% on a point")
