@@ -196,8 +196,8 @@ def test_corrupt_and_foreign_checkpoints_exit_2(tmp_path):
 
 def test_incompatible_checkpoint_exits_2(tmp_path):
     assert train(tmp_path, "--steps", "2")[0] == 0
-    code, _, err = train(tmp_path, "--steps", "4", "--resume", "--pred", "v")
-    assert code == 2 and "pred='eps'" in err and len(err.strip().splitlines()) == 1
+    code, _, err = train(tmp_path, "--steps", "4", "--resume", "--pred", "eps")
+    assert code == 2 and "pred='v'" in err and len(err.strip().splitlines()) == 1
 
 
 def test_nan_stops_the_run_and_keeps_the_checkpoint(tmp_path):
