@@ -91,7 +91,7 @@ def pick_device(name):
 def parse_args(argv=None):
     p = Parser(description="Lesson 03: the UNet, piece by piece (shape trace, receptive field, overfitting).",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=300, help="training steps of the overfitting demonstration")
+    p.add_argument("--steps", type=int, default=150, help="training steps of the overfitting demonstration")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate of the overfitting demonstration")
     p.add_argument("--batch", type=int, default=8, help="images in the fixed batch that the net overfits")
     p.add_argument("--image-size", type=int, default=32, help="side of the shapes images (a multiple of 4)")
@@ -314,6 +314,15 @@ def colorize(v, lo, hi, stops):
 DIVERGING = [(59, 76, 192), (245, 245, 245), (180, 4, 38)]  # blue, white, red
 HOT = [(0, 0, 0), (120, 20, 90), (230, 80, 30), (250, 200, 50), (255, 255, 230)]  # black to white
 
+
+def colour_key(canvas, centre, y, stops, lo, hi, label):
+    """A horizontal strip of the colour map, labelled lo at its left end and hi at its right, under a label."""
+    d, x = ImageDraw.Draw(canvas), centre - 100
+    canvas.paste(colorize(np.linspace(0, 1, 200)[None].repeat(12, 0), 0, 1, stops), (x, y))
+    d.text((x - 6, y + 6), lo, fill="black", font=font(13), anchor="rm")
+    d.text((x + 206, y + 6), hi, fill="black", font=font(13), anchor="lm")
+    d.text((centre, y - 4), label, fill="black", font=font(13), anchor="md")
+
 # %% Sinusoidal timestep embedding
 def timestep_embedding(t, dim):
     """t int64 [B] -> float [B, dim]: sin and cos of t at geometrically spaced frequencies.
@@ -522,6 +531,7 @@ def overfit(model, x0, x_t, eps, t, alpha_bar, steps, lr, generator):
                 e2 = torch.randn(x0.shape, generator=generator).to(x0.device)
                 fresh.append((step, F.mse_loss(model(q_sample(x0, t, alpha_bar, e2), t), e2).item()))
         if step < steps:
+            opt.param_groups[0]["lr"] = lr * (1 - step / steps)  # decay to 0: at a fixed rate Adam jumps about near 0
             loss = F.mse_loss(model(x_t, t), eps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -599,7 +609,7 @@ def main(argv=None):
     cos = F.normalize(emb, dim=1) @ F.normalize(emb, dim=1).T  # [T, T]
     print(f"1. timestep_embedding(t, 32): {tuple(emb.shape)}, values in [{emb.min():.2f}, {emb.max():.2f}]; cosine "
           f"similarity of t=500 with 501: {cos[500, 501]:.3f}, 520: {cos[500, 520]:.3f}, 900: {cos[500, 900]:.3f}")
-    canvas = Image.new("RGB", (1180, 410), "white")
+    canvas = Image.new("RGB", (1180, 450), "white")
     d = ImageDraw.Draw(canvas)
     for box, v, xl, yl, title in [((70, 60, 690, 360), emb.T, "timestep t", "dimension",
                                    "emb(t): sin in dims 0-15, cos in 16-31; frequency falls with the dimension"),
@@ -607,7 +617,7 @@ def main(argv=None):
         plot_axes(d, box, (0, T), (0, v.shape[0]), xl, yl, title)  # row 0 of v at the bottom of the box
         canvas.paste(colorize(v.flip(0).numpy(), -1, 1, DIVERGING).resize((box[2] - box[0] - 1, box[3] - box[1] - 1)),
                      (box[0] + 1, box[1] + 1))
-    d.text((590, 404), "colour: blue -1, white 0, red +1", fill="black", font=font(13), anchor="md")
+    colour_key(canvas, 590, 425, DIVERGING, "-1", "+1", "colour scale (both panels)")
     canvas.save(os.path.join(args.out, FIGURES[0]))
 
     # -- 2 to 4. a residual block, attention, down- and upsampling, each on a small random input
@@ -636,7 +646,7 @@ def main(argv=None):
     probe = UNet().to(device)
     probe.conv_out.reset_parameters()
     fields, px = receptive_fields(probe, torch.randn(1, 3, S, S, device=device), t[:1]), max(1, 192 // S)
-    canvas = Image.new("RGB", (len(fields) * (S * px + 30) + 10, S * px + 130), "white")
+    canvas = Image.new("RGB", (len(fields) * (S * px + 30) + 10, S * px + 150), "white")
     d = ImageDraw.Draw(canvas)
     print("\n6. receptive field of the centre pixel: input pixels where |gradient| > 1% of its maximum")
     for k, (name, res, g) in enumerate(fields):
@@ -649,8 +659,8 @@ def main(argv=None):
         print(f"  {name:>16} ({res}x{res}): {share}")
     d.text((canvas.width // 2, 8), "receptive field: |d output[centre] / d input| for the UNet cut at each depth "
            "(cyan: the probed pixel)", fill="black", font=font(16), anchor="ma")
-    d.text((canvas.width // 2, canvas.height - 10), "log colour scale relative to the maximum: black 1e-4 or less, "
-           "red 1e-2, white 1 (the maximum)", fill="black", font=font(13), anchor="md")
+    colour_key(canvas, canvas.width // 2, canvas.height - 24, HOT, "1e-4 of the maximum or less", "the maximum",
+               "|gradient|, log colour scale")
     canvas.save(os.path.join(args.out, FIGURES[1]))
 
     # -- 7. overfit one fixed batch of shapes at a few noise levels
