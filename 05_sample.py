@@ -27,8 +27,9 @@ x0_hat = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t) is the model's guess of the cle
        x_s = sqrt(1 - ab_s) / sqrt(1 - ab_t) x_t - sqrt(ab_s) (exp(-h) - 1) D.
    Second order: error ~ 1 / steps^2. Its first step (D = x0_hat) is exactly DDIM.
 4. Heun on the sigma ODE (Karras et al. 2022, Algorithm 1): an Euler step, a second evaluation at
-   the end of it, and the average slope: second order, two evaluations per step. Karras' steps are
-   evenly spaced in sigma^(1/7), which puts most of them at low noise.
+   the end of it, and the average slope: second order, two evaluations per step. Its first step,
+   out of sigma = 2e4 (the cosine schedule's T-1), stays a plain Euler step: a trapezoid across such
+   a range overshoots. (Karras' steps, even in sigma^(1/7), are an option of `timesteps`.)
 
 Which timesteps are visited (off-by-one timesteps are the commonest sampler bug). With n steps,
 t_i = round(i (T-1) / (n-1)) from t_0 = T-1 down to t_{n-1} = 0 ("time" spacing; "logsnr" and
@@ -830,11 +831,23 @@ def plot_axes(d, box, xlim, ylim, xlabel, ylabel, title, logx=False, logy=False)
     return to_px
 
 
-def plot_lines(d, box, series, title, xlabel, ylabel, xlim, ylim, logx=False, logy=False):
+def plot_lines(d, box, series, title, xlabel, ylabel, xlim, ylim, logx=False, logy=False, legend="tr"):
     """series: (label, xs, ys, colour, dashed). Lines with dot markers (dashed: no markers, a floor
-    or a guide), legend in the top-right corner."""
+    or a guide); on log axes extra ticks at 2 and 5 times each power of ten; legend top-right ("tr")
+    or bottom-left ("bl") or right of the box ("out")."""
     to_px = plot_axes(d, box, xlim, ylim, xlabel, ylabel, title, logx, logy)
     f = font(13)
+    for axis, on, (lo, hi) in ((0, logx, xlim), (1, logy, ylim)):
+        for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1) if on else []:
+            for v in (2 * 10 ** e, 5 * 10 ** e):
+                if lo <= v <= hi:
+                    px, py = to_px(v if axis == 0 else xlim[0], v if axis == 1 else ylim[0])
+                    if axis == 0:
+                        d.line([(px, box[3]), (px, box[3] + 4)], fill="black")
+                        d.text((px, box[3] + 6), fmt(v), fill="black", font=f, anchor="ma")
+                    else:
+                        d.line([(box[0] - 4, py), (box[0], py)], fill="black")
+                        d.text((box[0] - 6, py), fmt(v), fill="black", font=f, anchor="rm")
     for k, (label, xs, ys, color, dashed) in enumerate(series):
         pts = [to_px(x, min(max(y, ylim[0]), ylim[1])) for x, y in zip(xs, ys)]
         for (xa, ya), (xb, yb) in zip(pts[:-1], pts[1:]):
@@ -846,9 +859,10 @@ def plot_lines(d, box, series, title, xlabel, ylabel, xlim, ylim, logx=False, lo
                 d.line([(xa, ya), (xb, yb)], fill=color, width=2)
         for px, py in ([] if dashed else pts):
             d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
-        y = box[1] + 12 + 18 * k
-        d.line([(box[2] - 215, y), (box[2] - 190, y)], fill=color, width=3)
-        d.text((box[2] - 185, y), label, fill="black", font=f, anchor="lm")
+        x0 = {"tr": box[2] - 215, "bl": box[0] + 12, "out": box[2] + 15}[legend]
+        y = box[3] - 12 - 18 * (len(series) - 1 - k) if legend == "bl" else box[1] + 12 + 18 * k
+        d.line([(x0, y), (x0 + 25, y)], fill=color, width=3)
+        d.text((x0 + 30, y), label, fill="black", font=f, anchor="lm")
 
 
 # %% Experiment 1: exactness on the Gaussian mixture (order of convergence)
@@ -876,28 +890,27 @@ def exactness(out, quick, seed):
         print(f"  {name:26s}" + "".join(f"{e:9.1e}" for e in errs) + f"   {order:5.2f}")
     img = Image.new("RGB", (760, 520), "white")
     d = ImageDraw.Draw(img)
-    lo = min(min(e) for e in errors.values()) / 2
-    hi = max(max(e) for e in errors.values()) * 2
-    c1, c2 = errors["DDIM (eta=0)"][0] * steps[0], errors["DPM-Solver++(2M), logSNR"][0] * steps[0] ** 2
-    series = [(name, nfes[name], errs, PALETTE[k], False)
-              for k, (name, errs) in enumerate(errors.items())]
+    c1, c2 = 0.4 * errors["DDIM (eta=0)"][0] * steps[0], 0.4 * errors["DPM-Solver++(2M), logSNR"][1] * steps[1] ** 2
+    series = [(name, nfes[name], errs, PALETTE[k], False) for k, (name, errs) in enumerate(errors.items())]
     series += [("slope -1 (first order)", steps, [c1 / n for n in steps], (150, 150, 150), True),
                ("slope -2 (second order)", steps, [c2 / n ** 2 for n in steps], (90, 90, 90), True)]
+    ys, xs = [y for s in series for y in s[2]], [x for s in series for x in s[1]]
     plot_lines(d, (90, 70, 730, 450), series, "error against a reference ODE solve (exact eps, 2D mixture)",
-               "model evaluations (NFE)", "mean |x_0 - x_0_ref|", (min(steps) * 0.9, max(steps) * 1.1),
-               (lo, hi), logx=True, logy=True)
+               "model evaluations (NFE)", "mean |x_0 - x_0_ref| (log)", (min(xs) * 0.9, max(xs) * 1.1),
+               (min(ys) / 1.5, max(ys) * 2), logx=True, logy=True)
     img.save(os.path.join(out, "05_exactness.png"))
     return errors
 
 
 # %% Experiment 2: quality against NFE on images, with the Frechet distance
 def real_images(cfg, args):
-    """The checkpoint's data, split as lesson 04 splits it: (train images, labels, held-out images, classes)."""
+    """The checkpoint's data, split as lesson 04 splits it: (train images, labels, held-out images, labels,
+    class names)."""
     images, labels, classes = load_dataset(cfg["dataset"], args.data_dir, cfg["image_size"], cfg["seed"],
                                            n_shapes=2000 if cfg.get("quick") else 10_000)
     n_hold = min(len(images) // 5, 2000)
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg["seed"]))
-    return images[perm[n_hold:]], labels[perm[n_hold:]], images[perm[:n_hold]], classes
+    return images[perm[n_hold:]], labels[perm[n_hold:]], images[perm[:n_hold]], labels[perm[:n_hold]], classes
 
 
 def run_sampler(name, model, x_T, alpha_bar, steps, args, seed, device):
@@ -922,15 +935,17 @@ def run_sampler(name, model, x_T, alpha_bar, steps, args, seed, device):
 
 
 def quality(args, model, alpha_bar, cfg, device):
-    train, labels, held, classes = real_images(cfg, args)
+    train, labels, held, labels_held, classes = real_images(cfg, args)
     n = min(args.samples, len(held), len(train))
     t0 = time.time()
-    clf = train_classifier(train, labels, len(classes), device, 50 if args.quick else 400, cfg["seed"])
-    f_real, _ = features_and_classes(clf, to_unit(held[:n]), device)
+    clf = train_classifier(train, labels, len(classes), device, 20 if args.quick else 400, cfg["seed"])  # as in 04
+    f_real, c_real = features_and_classes(clf, to_unit(held[:n]), device)
     f_real_b, _ = features_and_classes(clf, to_unit(train[:n]), device)
     floor = frechet_distance(f_real_b, f_real)
+    acc = (c_real == labels_held[:n]).float().mean().item()
     print(f"\nquality: Frechet distance to {n} held-out real images on a {len(classes)}-class classifier's "
-          f"features (classifier: {time.time() - t0:.0f} s); floor FD(real, real) at {n} = {floor:.2f}")
+          f"features (classifier: {acc:.0%} accurate on them, trained in {time.time() - t0:.0f} s); "
+          f"floor FD(real, real) at {n} = {floor:.2f}")
     x_T = torch.randn(n, cfg["channels"], cfg["image_size"], cfg["image_size"],
                       generator=torch.Generator().manual_seed(args.seed))  # the same noise for every run
     rows = []
@@ -946,18 +961,19 @@ def quality(args, model, alpha_bar, cfg, device):
 
 
 def save_quality_figures(out, rows, floor, n, args):
-    img = Image.new("RGB", (800, 520), "white")
+    img = Image.new("RGB", (900, 520), "white")
     d = ImageDraw.Draw(img)
     names = list(dict.fromkeys(r[0] for r in rows))
     series = [(f"{name}" + (f" (eta={args.eta:g})" if name == "ddim" else ""),
                [r[1] for r in rows if r[0] == name], [r[2] for r in rows if r[0] == name],
                PALETTE[list(SAMPLERS).index(name)], False) for name in names]
     xs = [r[1] for r in rows]
-    series.append((f"real vs real ({n})", [min(xs), max(xs)], [floor, floor], (120, 120, 120), True))
+    series.append(("floor: real vs real", [min(xs), max(xs)], [floor, floor], (120, 120, 120), True))
     ys = [r[2] for r in rows] + [floor]
-    plot_lines(d, (90, 70, 770, 450), series, f"sample quality against model evaluations ({n} samples each)",
+    plot_lines(d, (90, 70, 680, 450), series, f"sample quality against model evaluations ({n} samples each)",
                "model evaluations per image (NFE, log scale)", "Frechet distance (lower is better, log)",
-               (min(xs) * 0.9, max(xs) * 1.1), (max(min(ys) * 0.7, 1e-3), max(ys) * 1.4), logx=True, logy=True)
+               (min(xs) * 0.9, max(xs) * 1.1), (max(min(ys) * 0.7, 1e-3), max(ys) * 1.4), logx=True, logy=True,
+               legend="out")
     img.save(os.path.join(out, "05_quality.png"))
     grid = grid_image(to_uint8(torch.cat([r[4] for r in rows])), nrow=8, scale=2)
     labelled(grid, "the same 8 starting noises through every sampler and NFE",
@@ -977,27 +993,33 @@ def determinism(out, model, alpha_bar, cfg, args, device):
         rows.append(ddpm(model, x_T, alpha_bar, n, clip=args.clip, generator=torch.Generator().manual_seed(s)).cpu())
         labels.append(f"DDPM {n}, draws #{s}")
     labelled(grid_image(to_uint8(torch.cat(rows)), nrow=6, scale=2),
-             "one x_T per column: DDIM gives the same image at every step count; DDPM a new one per draw",
+             "one x_T per column: DDIM keeps its image, DDPM draws a new one",
              row_labels=labels).save(os.path.join(out, "05_determinism.png"))
 
 
 def inversion(out, model, alpha_bar, cfg, args, device):
-    _, _, held, _ = real_images(cfg, args)
+    """Round trips to three depths. The cosine schedule keeps sqrt(ab) = 5e-5 of the image at T-1:
+    decoding from there divides the network's eps error by that, so only shallower trips come back."""
+    held = real_images(cfg, args)[2]
     x = to_unit(held[:6]).to(device)
-    print("\nDDIM inversion: image -> x_T (ODE backwards) -> image (ODE forwards), no clipping")
-    print(f"  {'steps':>5s} {'RMSE':>8s} {'PSNR dB':>8s} {'std of x_T':>11s}")
+    print("\nDDIM inversion: image -> x_t_end (ODE backwards) -> image (ODE forwards), no clipping")
+    print(f"  {'t_end':>5s} {'sqrt(ab)':>9s} {'steps':>5s} {'RMSE':>10s} {'PSNR dB':>8s} {'std of x_t_end':>15s}")
     shown = {}
-    for n in ([2, 4] if args.quick else [10, 20, 50, 100]):
-        x_T = ddim_invert(model, x, alpha_bar, n)
-        rec = ddim(model, x_T, alpha_bar, n)
-        rmse = (rec - x).square().mean().sqrt().item()
-        print(f"  {n:5d} {rmse:8.4f} {20 * math.log10(2 / max(rmse, 1e-12)):8.1f} {x_T.std().item():11.3f}")
-        shown[n] = (x_T.cpu(), rec.cpu())
-    lo, hi = min(shown), max(shown)
-    rows = torch.cat([x.cpu(), shown[hi][0] / 3, shown[hi][1], shown[lo][1]])
-    labelled(grid_image(to_uint8(rows), nrow=6, scale=2), "DDIM inversion: real image -> x_T -> image",
-             row_labels=["real image", f"x_T ({hi} steps, /3)", f"back ({hi} steps)", f"back ({lo} steps)"]).save(
-        os.path.join(out, "05_inversion.png"))
+    T = len(alpha_bar)
+    for t_end in (T - 1, T - 11, T - 51):
+        for n in ([2, 4] if args.quick else [20, 50]):
+            x_T = ddim_invert(model, x, alpha_bar[:t_end + 1], n)  # a schedule cut at t_end: "x_T" is x_t_end
+            rec = ddim(model, x_T, alpha_bar[:t_end + 1], n)
+            rmse = (rec - x).square().mean().sqrt().item()
+            print(f"  {t_end:5d} {alpha_bar[t_end].sqrt().item():9.1e} {n:5d} {rmse:10.4f} "
+                  f"{20 * math.log10(2 / max(rmse, 1e-12)):8.1f} {x_T.std().item():15.3f}")
+            shown[t_end, n] = (x_T.cpu(), rec.cpu())
+    n = 4 if args.quick else 50
+    rows = torch.cat([x.cpu(), shown[T - 51, n][0] / 3, shown[T - 51, n][1], shown[T - 11, n][1], shown[T - 1, n][1]])
+    title = f"DDIM inversion, {n} steps each way: image -> noise -> image"
+    labelled(grid_image(to_uint8(rows), nrow=6, scale=2), title,
+             row_labels=["real image", f"x_t at t={T - 51} (/3)", f"back from t={T - 51}", f"back from t={T - 11}",
+                         f"back from t={T - 1}"]).save(os.path.join(out, "05_inversion.png"))
 
 
 def interpolation(out, model, alpha_bar, cfg, args, device):
