@@ -449,9 +449,10 @@ def main(argv=None):
     g = torch.Generator().manual_seed(args.seed)
     print(f"device {device}, {args.schedule} schedule, T = {T}, {args.steps} steps per dataset, "
           f"figures use sigma_t^2 = {args.sigma}")
-    # x_t is kept before these steps: a few for the trajectory figure, about 50 for the GIF
+    # x_t is kept before these steps: a few for the trajectory figure, about 50 for the GIF, denser at small t
+    # (where the shape forms: t_k = (T-1) (k/50)^2)
     traj_ts = sorted({T - 1, (3 * T) // 5, (3 * T) // 10, (3 * T) // 20, T // 20, 0}, reverse=True)
-    gif_ts = sorted(set(range(T - 1, -1, -max(1, T // 50))) | set(traj_ts), reverse=True)
+    gif_ts = sorted({round((T - 1) * (k / 50) ** 2) for k in range(51)} | set(traj_ts), reverse=True)
     res = {}
     for name in names:
         t0 = time.time()
