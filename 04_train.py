@@ -125,7 +125,7 @@ def parse_args(argv=None):
     a("--T", type=int, default=1000, help="diffusion steps")
     a("--base-ch", type=int, default=32, help="UNet width")
     a("--ch-mult", default="1,2,2", help="UNet channel multipliers per level")
-    a("--steps", type=int, default=4000, help="total training steps (a resumed run counts from 0)")
+    a("--steps", type=int, default=2000, help="total training steps (a resumed run continues up to this number)")
     a("--batch-size", type=int, default=64, help="per process")
     a("--lr", type=float, default=1e-3)
     a("--warmup", type=int, default=200, help="linear learning-rate warmup steps")
