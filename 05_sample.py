@@ -50,9 +50,13 @@ spherical interpolation between two noises (slerp keeps |x_T| where a straight l
 Run
 ---
     python 04_train.py                 # first: a checkpoint in runs/04/ckpt.pt
-    python 05_sample.py                # all measurements and figures, about 5 min on a 2-core CPU
-    python 05_sample.py --full         # the whole NFE table with 1000-step DDPM (slow on a CPU: use a GPU)
+    python 05_sample.py                # all measurements and figures: 3-5 min on a 2-core CPU
     python 05_sample.py --quick        # seconds: a smoke test
+    python 05_sample.py --samplers ddpm,dpm++2m --nfe 10,20 --ddpm-full   # against 1000-step DDPM: ~15 min
+    python 05_sample.py --full         # NFE 5..100 for all, 1000-step DDPM, 1000 samples: a GPU job (hours on a CPU)
+
+The defaults (100 samples per row, NFE 5, 10, 20, 50) are what a CPU affords in 5 minutes: the
+table costs 100 x 340 model evaluations, and one 1000-step DDPM row alone would cost 100 x 1000.
 
 It writes figures/05_quality.png, 05_grid.png, 05_exactness.png, 05_determinism.png,
 05_inversion.png, 05_interpolation.png and prints the tables.
