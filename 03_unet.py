@@ -591,7 +591,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.set_flush_denormal(True)  # tiny gradients near a loss of 0 would otherwise slow the CPU 10x
+    torch.set_flush_denormal(True)  # near a loss of 0 gradients get tiny; denormal floats are slow on CPUs
     if args.bench:
         return bench(device, args.bench_iters, batch=8 if args.quick else 64)
     start, T, S = time.time(), 1000, args.image_size
