@@ -33,7 +33,7 @@ first test of any new network). `--bench` measures its speed.
 
 Run
 ---
-    python 03_unet.py            # about 30 s on a 2-core CPU; writes figures/03_*
+    python 03_unet.py            # under a minute on a 2-core CPU (38 s on one busy core); writes figures/03_*
     python 03_unet.py --quick    # a few seconds (used by the tests)
     python 03_unet.py --bench    # speed of the default UNet, fp32 and bf16, NCHW and channels_last
 
