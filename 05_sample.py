@@ -132,12 +132,12 @@ def parse_args(argv=None):
     a("--spacing", default="logsnr", choices=["logsnr", "time"], help="DPM-Solver++(2M)'s timesteps")
     a("--clip", action=argparse.BooleanOptionalAction, default=True,
       help="clip x0_hat to [-1, 1] at every step (images only; the data lies there)")
-    a("--batch-size", type=int, default=250)
+    a("--batch-size", type=int, default=250, help="images per model call")
     a("--data-dir", default="data", help="where the checkpoint's torchvision data or image folder is")
     a("--precision", default="auto", choices=["auto", "fp32", "bf16"],
       help="auto: bf16 autocast on CUDA and on CPUs with bf16 units, else fp32")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    a("--seed", type=int, default=0)
+    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
+    a("--seed", type=int, default=0, help="fixes every starting noise and every draw")
     a("--out", default="figures", help="folder for the figures")
     a("--quick", action="store_true", help="tiny settings for a smoke test (seconds)")
     args = p.parse_args(argv)
@@ -958,6 +958,7 @@ def quality(args, model, alpha_bar, cfg, device):
         nfes = args.nfe + ([len(alpha_bar)] if name == "ddpm" and args.ddpm_full else [])
         for nfe in nfes:
             x0, used, secs = run_sampler(name, model, x_T, alpha_bar, steps_for(name, nfe), args, args.seed + 1, device)
+            x0 = x0.clamp(-1, 1)  # what a saved image holds, clipped or not while sampling
             fd = frechet_distance(features_and_classes(clf, x0, device)[0], f_real)
             rows.append((name, used, fd, n / secs, x0[:8]))
             print(f"  {name:9s} {used:5d} {fd:8.2f} {n / secs:9.1f}", flush=True)
