@@ -563,7 +563,7 @@ def ddpm(model, x_T, alpha_bar, steps, clip=False, generator=None):
     """Ancestral sampling (Ho et al. 2020, Algorithm 2) over `steps` timesteps (all T: 999, ..., 0;
     fewer: respaced, as in improved DDPM). Each step draws x_s ~ q(x_s | x_t, x0_hat)."""
     ts = timesteps(alpha_bar, steps)  # T-1, ..., 0
-    betas = respaced_betas(alpha_bar, ts[::-1]).flip(0).tolist()  # betas[i] takes t_{i+1} to t_i
+    betas = respaced_betas(alpha_bar, ts[::-1]).flip(0).tolist()  # betas[i] noises t_{i+1} (x_0 for the last) up to t_i
     x = x_T
     for i, t in enumerate(ts):
         eps, x0 = denoise(model, x, t, alpha_bar, clip)
