@@ -571,8 +571,9 @@ def load_dataset(name, data_dir, size, seed, n_shapes=10_000):
     try:
         ds = cls(data_dir, train=True, download=True)
     except Exception as e:  # no network, a proxy, a half-written file: the fix is the same
-        fail(f"could not load {name} ({type(e).__name__}); download it by hand into "
-             f"{os.path.join(data_dir, cls.__name__)} (torchvision's layout) or pass --data-dir")
+        where = "cifar-10-batches-py" if name == "cifar10" else os.path.join(cls.__name__, "raw")
+        fail(f"could not load {name} ({type(e).__name__}); download it by hand and put the files in "
+             f"{os.path.join(data_dir, where)} (torchvision's layout), or pass --data-dir")
     data = torch.as_tensor(np.asarray(ds.data))  # MNIST: [N, 28, 28]; CIFAR-10: [N, 32, 32, 3]
     data = data[:, None] if data.dim() == 3 else data.permute(0, 3, 1, 2)
     if data.shape[-1] != size:  # 28x28 digits are padded with background to 32 (or resized otherwise)

@@ -209,3 +209,23 @@ def test_nan_stops_the_run_and_keeps_the_checkpoint(tmp_path):
     assert code == 1
     assert "stopping" in err and "last good checkpoint" in err
     assert path.read_bytes() == before
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits(tmp_path):
+    import signal
+    import time
+    cmd = [sys.executable, str(ROOT / "04_train.py"), *QUICK, "--steps", "100000", "--save-every", "100000",
+           "--out", str(tmp_path / "fig"), "--run-dir", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    seen, deadline = b"", time.time() + 300
+    while b"step 20/" not in seen and time.time() < deadline:  # training has started
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert b"interrupted at step" in out
+    step = load(tmp_path / "run" / "ckpt.pt")["step"]
+    assert 20 <= step < 100000
