@@ -136,7 +136,7 @@ def parse_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the UNet (CUDA)")
     a("--sample-every", type=int, default=500, help="steps between progress grids")
     a("--sample-steps", type=int, default=50, help="DDIM steps for the grids and the metric")
-    a("--eval-samples", type=int, default=1000, help="samples for the quality metric (0: skip)")
+    a("--eval-samples", type=int, default=500, help="samples for the quality metric (0: skip)")
     a("--save-every", type=int, default=500, help="steps between checkpoints")
     a("--run-dir", default="runs/04", help="checkpoint folder")
     a("--resume", nargs="?", const="", default=None,
