@@ -39,12 +39,12 @@ checkpoints that resume exactly, several GPUs, and an honest number for how good
    class histogram of the samples (a model that draws only circles has a bad histogram).
 
 Mixed precision: on CUDA, bf16 autocast (and TF32 matmuls). On a CPU with bf16 units (AVX512-BF16 or
-AMX) bf16 autocast pays too: on our 2-core test machine it trained this UNet about 1.5x faster than
+AMX) bf16 autocast pays too: on our 2-core test machine it trained this UNet 1.58x faster than
 fp32 with the same loss curve, so `--precision auto` picks it wherever the CPU supports it.
 
 Run
 ---
-    python 04_train.py                       # shapes, about 15 min on a 2-core CPU, about 1 min on a GPU
+    python 04_train.py                       # shapes, about 15 min on a 2-core CPU
     python 04_train.py --device cuda         # a GPU
     python 04_train.py --quick               # seconds: a smoke test
     python 04_train.py --resume              # continue runs/04/ckpt.pt (same weights as never stopping)
