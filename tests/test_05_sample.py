@@ -208,3 +208,19 @@ def test_missing_or_foreign_checkpoint_exits_2_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         m.main(["--nfe", "5,x"])
     assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_dpmpp_2m_sde_first_step_is_ddpm_and_many_steps_give_the_data_moments():
+    # one step of size h from x_T with D = x0_hat is the DDPM posterior step: DDIM with eta = 1, same noise
+    x = x_T(300, seed=4)
+    a = m.dpmpp_2m_sde(MODEL, x, AB, 2, spacing="time", generator=torch.Generator().manual_seed(5))
+    b = m.ddim(MODEL, x, AB, 2, eta=1.0, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(a, b, atol=1e-10)
+    means, stds, w = MIX
+    n = 10000
+    x = m.dpmpp_2m_sde(MODEL, x_T(n, seed=6), AB, 200, generator=torch.Generator().manual_seed(7))
+    mean = (w[:, None] * means).sum(0)
+    cov = (w[:, None, None] * (stds[:, None, None] ** 2 * torch.eye(2) + means[:, :, None] * means[:, None])).sum(0)
+    cov = cov - mean[:, None] * mean[None]
+    assert ((x.mean(0) - mean).abs() < 5 * (cov.diagonal() / n).sqrt()).all(), (x.mean(0), mean)
+    assert ((x.T.cov().diagonal() - cov.diagonal()).abs() < 5 * cov.diagonal() * math.sqrt(2 / n)).all()
