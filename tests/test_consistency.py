@@ -127,3 +127,153 @@ def test_05_unet_and_eps_conversion_match_04():
         for pred in ("eps", "v", "x0"):
             for u, v in zip(b.to_eps_x0(pred, out_b, x, ab), c.to_eps_x0(pred, out_c, x, ab)):
                 assert torch.equal(u, v)
+
+
+def test_06_shapes_schedules_and_objective_match_04():
+    b, f = load_script("04_train"), load_script("06_condition")
+    for name in ("SHAPES", "COLORS", "SIZES", "POSITIONS", "DATASETS"):
+        assert getattr(b, name) == getattr(f, name)
+    for n, size, seed in [(64, 32, 0), (20, 64, 7)]:
+        (ib, lb, cb), (i6, l6, c6) = b.make_shapes(n, size, seed), f.make_shapes(n, size, seed)
+        assert torch.equal(ib, i6) and torch.equal(lb, l6) and cb == c6
+    x = torch.linspace(-1.2, 1.2, 101)
+    assert torch.equal(b.to_uint8(x), f.to_uint8(x)) and torch.equal(b.to_unit(ib), f.to_unit(i6))
+    for T in (10, 1000):
+        assert torch.equal(b.linear_betas(T), f.linear_betas(T))
+        assert torch.equal(b.alpha_bar_of(b.cosine_betas(T)), f.alpha_bar_of(f.cosine_betas(T)))
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    t, ab_all = torch.tensor([0, 10, 500, 999]), b.alpha_bar_of(b.cosine_betas(1000))
+    assert torch.equal(b.q_sample(x0, t, ab_all, eps), f.q_sample(x0, t, ab_all, eps))
+    ab = ab_all[t].float().view(-1, 1, 1, 1)
+    for pred in ("eps", "v", "x0"):
+        assert torch.equal(b.target_of(pred, x0, eps, ab), f.target_of(pred, x0, eps, ab))
+        for u, v in zip(b.to_eps_x0(pred, x0, eps, ab), f.to_eps_x0(pred, x0, eps, ab)):
+            assert torch.equal(u, v)
+        for kind in ("none", "min-snr"):
+            assert torch.equal(b.loss_weight(kind, pred, ab.view(-1)), f.loss_weight(kind, pred, ab.view(-1)))
+    emb = torch.tensor([0, 7, 999])
+    assert torch.equal(b.timestep_embedding(emb, 32), f.timestep_embedding(emb, 32))
+
+
+def test_06_unet_without_conditions_matches_04():
+    b, f = load_script("04_train"), load_script("06_condition")
+    for kwargs in [{}, dict(in_ch=1, base_ch=16, ch_mult=(1, 2), attn_levels=(1,)), dict(base_ch=24)]:
+        torch.manual_seed(0)
+        net_b = b.UNet(**kwargs)
+        torch.manual_seed(1)
+        net_f = f.UNet(**kwargs, num_classes=0, ctx_dim=0)
+        state = net_b.state_dict()
+        assert list(state) == list(net_f.state_dict())  # same parameter names, same order
+        g = torch.Generator().manual_seed(2)
+        for p in state.values():  # randomise everything, the zero-initialised output conv included
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05 if p.dtype.is_floating_point else p)
+        net_b.load_state_dict(state)
+        net_f.load_state_dict(state)
+        x, t = torch.randn(3, kwargs.get("in_ch", 3), 16, 16, generator=g), torch.tensor([0, 321, 999])
+        with torch.no_grad():
+            assert torch.equal(net_b(x, t), net_f(x, t))
+        # DDIM from 04 and 06 over the same network gives the same samples
+        with torch.no_grad():
+            ab = b.alpha_bar_of(b.cosine_betas(1000)).float()
+            assert torch.equal(b.ddim_sample(net_b, x, ab, 4, "v"), f.ddim_sample(net_f, x, ab, 4, "v"))
+
+
+def test_06_classifier_and_frechet_distance_match_04():
+    b, f = load_script("04_train"), load_script("06_condition")
+    g = torch.Generator().manual_seed(0)
+    f1, f2 = (torch.randn(300, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    assert b.frechet_distance(f1, f2 * 1.5) == f.frechet_distance(f1, f2 * 1.5)
+    images, labels, _ = b.make_shapes(64, 32, 0)
+    torch.manual_seed(0)  # the classifier's initial weights come from the global generator
+    clf_b = b.train_classifier(images, labels, 5, "cpu", 3, 0)
+    torch.manual_seed(0)
+    clf_f = f.train_classifier(images, labels, 5, "cpu", 3, 0)
+    for (kb, vb), (kf, vf) in zip(clf_b.state_dict().items(), clf_f.state_dict().items()):
+        assert kb == kf and torch.equal(vb, vf)
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    fb, cb = b.features_and_classes(clf_b, x, "cpu")
+    ff, cf = f.features_and_classes(clf_f, x, "cpu")
+    assert torch.equal(fb, ff) and torch.equal(cb, cf)
+    ib, lb, nb = b.load_dataset("shapes", "unused", 16, seed=3, n_shapes=50)
+    i6, l6, n6 = f.load_dataset("shapes", "unused", 16, seed=3, n_shapes=50)
+    assert torch.equal(ib, i6) and torch.equal(lb, l6) and nb == n6
+
+
+def test_07_shapes_schedules_and_objective_match_04():
+    b, s = load_script("04_train"), load_script("07_latent")
+    for name in ("SHAPES", "COLORS", "SIZES", "POSITIONS"):
+        assert getattr(b, name) == getattr(s, name)
+    for n, size, seed in [(64, 32, 0), (20, 64, 7)]:
+        (ib, lb, cb), (i7, l7, c7) = b.make_shapes(n, size, seed), s.make_shapes(n, size, seed)
+        assert torch.equal(ib, i7) and torch.equal(lb, l7) and cb == c7
+    x = torch.linspace(-1.2, 1.2, 101)
+    assert torch.equal(b.to_uint8(x), s.to_uint8(x)) and torch.equal(b.to_unit(ib), s.to_unit(i7))
+    for T in (10, 1000):
+        assert torch.equal(b.cosine_betas(T), s.cosine_betas(T))
+        assert torch.equal(b.alpha_bar_of(b.cosine_betas(T)), s.alpha_bar_of(s.cosine_betas(T)))
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t, ab_all = torch.tensor([0, 10, 500, 999]), b.alpha_bar_of(b.cosine_betas(1000))
+    assert torch.equal(b.q_sample(x0, t, ab_all, eps), s.q_sample(x0, t, ab_all, eps))
+    ab = ab_all[t].float().view(-1, 1, 1, 1)
+    for pred in ("eps", "v", "x0"):
+        assert torch.equal(b.target_of(pred, x0, eps, ab), s.target_of(pred, x0, eps, ab))
+        for u, v in zip(b.to_eps_x0(pred, x0, eps, ab), s.to_eps_x0(pred, x0, eps, ab)):
+            assert torch.equal(u, v)
+        for kind in ("none", "min-snr"):
+            assert torch.equal(b.loss_weight(kind, pred, ab.view(-1)), s.loss_weight(kind, pred, ab.view(-1)))
+    assert torch.equal(b.timestep_embedding(t, 32), s.timestep_embedding(t, 32))
+
+
+def _randomised_pair(net_a, net_b, seed=2):
+    state = net_a.state_dict()
+    assert list(state) == list(net_b.state_dict())  # same parameter names, same order
+    g = torch.Generator().manual_seed(seed)
+    for p in state.values():  # randomise everything, the zero-initialised output conv included
+        p.copy_(torch.randn(p.shape, generator=g) * 0.05 if p.dtype.is_floating_point else p)
+    net_a.load_state_dict(state)
+    net_b.load_state_dict(state)
+    return g
+
+
+def test_07_unet_matches_06_class_unet_and_04_unet():
+    b, f, s = load_script("04_train"), load_script("06_condition"), load_script("07_latent")
+    for kwargs in [{}, dict(in_ch=4, base_ch=16, ch_mult=(1, 2, 2)), dict(in_ch=1, base_ch=16, ch_mult=(1, 2),
+                                                                         attn_levels=(1,))]:
+        c = kwargs.get("in_ch", 3)
+        # a 06 class-conditional state dict (ctx_dim=0) loads into 07's UNet and gives the same outputs
+        torch.manual_seed(0)
+        net_f = f.UNet(**kwargs, num_classes=5, ctx_dim=0)
+        net_s = s.UNet(**kwargs, num_classes=5)
+        g = _randomised_pair(net_f, net_s)
+        x, t, y = torch.randn(3, c, 16, 16, generator=g), torch.tensor([0, 321, 999]), torch.tensor([0, 4, 5])
+        with torch.no_grad():
+            assert torch.equal(net_f(x, t, y), net_s(x, t, y))
+            assert torch.equal(f.guided_eps(net_f, x, t, y[:3] % 5, 2.5), s.guided_eps(net_s, x, t, y[:3] % 5, 2.5))
+        # without labels it is 04's UNet, and DDIM with the default options is 04's DDIM
+        net_b, net_s0 = b.UNet(**kwargs), s.UNet(**kwargs, num_classes=0)
+        g = _randomised_pair(net_b, net_s0)
+        x = torch.randn(3, c, 16, 16, generator=g)
+        ab = b.alpha_bar_of(b.cosine_betas(1000)).float()
+        with torch.no_grad():
+            assert torch.equal(net_b(x, t), net_s0(x, t))
+            assert torch.equal(b.ddim_sample(net_b, x, ab, 4, "v"), s.ddim_sample(net_s0, x, ab, 4, "v"))
+
+
+def test_07_classifier_and_frechet_distance_match_04():
+    b, s = load_script("04_train"), load_script("07_latent")
+    g = torch.Generator().manual_seed(0)
+    f1, f2 = (torch.randn(300, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    assert b.frechet_distance(f1, f2 * 1.5) == s.frechet_distance(f1, f2 * 1.5)
+    images, labels, _ = b.make_shapes(64, 32, 0)
+    torch.manual_seed(0)  # the classifier's initial weights come from the global generator
+    clf_b = b.train_classifier(images, labels, 5, "cpu", 3, 0)
+    torch.manual_seed(0)
+    clf_s = s.train_classifier(images, labels, 5, "cpu", 3, 0)
+    for (kb, vb), (ks, vs) in zip(clf_b.state_dict().items(), clf_s.state_dict().items()):
+        assert kb == ks and torch.equal(vb, vs)
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    fb, cb = b.features_and_classes(clf_b, x, "cpu")
+    fs, cs = s.features_and_classes(clf_s, x, "cpu")
+    assert torch.equal(fb, fs) and torch.equal(cb, cs)
