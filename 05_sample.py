@@ -55,13 +55,13 @@ spherical interpolation between two noises (slerp keeps |x_T| where a straight l
 Run
 ---
     python 04_train.py                 # first: a checkpoint in runs/04/ckpt.pt
-    python 05_sample.py                # all measurements and figures: 3-5 min on a 2-core CPU
+    python 05_sample.py                # all measurements and figures: 3 min on a 2-core CPU
     python 05_sample.py --quick        # seconds: a smoke test
-    python 05_sample.py --samplers ddpm,dpm++2m --nfe 10,20 --ddpm-full   # against 1000-step DDPM: ~15 min
+    python 05_sample.py --samplers ddpm,dpm++2m,dpm++2m-sde --nfe 10,20 --ddpm-full  # vs 1000-step DDPM: ~9 min
     python 05_sample.py --full         # NFE 5..100 for all, 1000-step DDPM, 1000 samples: a GPU job (hours on a CPU)
 
 The defaults (100 samples per row, NFE 5, 10, 20, 50) are what a CPU affords in 5 minutes: the
-table costs 100 x 340 model evaluations, and one 1000-step DDPM row alone would cost 100 x 1000.
+table costs 100 x 424 model evaluations, and one 1000-step DDPM row alone would cost 100 x 1000.
 
 It writes figures/05_quality.png, 05_grid.png, 05_exactness.png, 05_determinism.png,
 05_inversion.png, 05_interpolation.png and prints the tables.
@@ -980,7 +980,7 @@ def quality(args, model, alpha_bar, cfg, device):
     x_T = torch.randn(n, cfg["channels"], cfg["image_size"], cfg["image_size"],
                       generator=torch.Generator().manual_seed(args.seed))  # the same noise for every run
     rows = []
-    print(f"  {'sampler':9s} {'NFE':>5s} {'FD':>8s} {'images/s':>9s}")
+    print(f"  {'sampler':11s} {'NFE':>5s} {'FD':>8s} {'images/s':>9s}")
     for name in args.samplers:
         nfes = args.nfe + ([len(alpha_bar)] if name == "ddpm" and args.ddpm_full else [])
         for nfe in nfes:
@@ -988,7 +988,7 @@ def quality(args, model, alpha_bar, cfg, device):
             x0 = x0.clamp(-1, 1)  # what a saved image holds, clipped or not while sampling
             fd = frechet_distance(features_and_classes(clf, x0, device)[0], f_real)
             rows.append((name, used, fd, n / secs, x0[:8]))
-            print(f"  {name:9s} {used:5d} {fd:8.2f} {n / secs:9.1f}", flush=True)
+            print(f"  {name:11s} {used:5d} {fd:8.2f} {n / secs:9.1f}", flush=True)
     return rows, floor, n
 
 
