@@ -214,7 +214,9 @@ def test_nan_stops_the_run_and_keeps_the_checkpoint(tmp_path):
 def test_ctrl_c_saves_a_checkpoint_and_exits(tmp_path):
     import signal
     import time
-    cmd = [sys.executable, str(ROOT / "04_train.py"), *QUICK, "--steps", "100000", "--save-every", "100000",
+    # not --quick: it caps the run at 30 steps, which a loaded machine can finish before the signal lands
+    cmd = [sys.executable, str(ROOT / "04_train.py"), "--eval-samples", "0", "--base-ch", "16", "--batch-size", "8",
+           "--steps", "100000", "--save-every", "100000", "--sample-every", "100000",
            "--out", str(tmp_path / "fig"), "--run-dir", str(tmp_path / "run")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     seen, deadline = b"", time.time() + 300
