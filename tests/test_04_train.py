@@ -218,7 +218,10 @@ def test_ctrl_c_saves_a_checkpoint_and_exits(tmp_path):
     cmd = [sys.executable, str(ROOT / "04_train.py"), "--eval-samples", "0", "--base-ch", "16", "--batch-size", "8",
            "--steps", "100000", "--save-every", "100000", "--sample-every", "100000",
            "--out", str(tmp_path / "fig"), "--run-dir", str(tmp_path / "run")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    # a shell that starts jobs in the background (nohup, CI runners) hands them SIGINT ignored, and Python then
+    # keeps ignoring it; a terminal's Ctrl-C is what we test, so give the child the default disposition back
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen, deadline = b"", time.time() + 300
     while b"step 20/" not in seen and time.time() < deadline:  # training has started
         chunk = os.read(proc.stdout.fileno(), 4096)
