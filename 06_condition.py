@@ -51,7 +51,7 @@ pins them to 04.
 
 Run
 ---
-    python 06_condition.py                       # everything: 17 CPU-minutes (26 min wall on our busy 2 cores)
+    python 06_condition.py                       # everything: 11.5 min alone on a 2-core CPU (26 min on a busy one)
     python 06_condition.py --prompt "a large green star"    # draw from a prompt (reuses runs/06/text.pt)
     python 06_condition.py --dataset mnist       # class guidance on digits (no captions: no text part)
     python 06_condition.py --quick               # seconds: a smoke test
