@@ -55,7 +55,7 @@ spherical interpolation between two noises (slerp keeps |x_T| where a straight l
 Run
 ---
     python 04_train.py                 # first: a checkpoint in runs/04/ckpt.pt
-    python 05_sample.py                # all measurements and figures: 3 min on a 2-core CPU
+    python 05_sample.py                # all measurements and figures: 2-3 min on a 2-core CPU
     python 05_sample.py --quick        # seconds: a smoke test
     python 05_sample.py --samplers ddpm,dpm++2m,dpm++2m-sde --nfe 10,20 --ddpm-full  # vs 1000-step DDPM: ~9 min
     python 05_sample.py --full         # NFE 5..100 for all, 1000-step DDPM, 1000 samples: a GPU job (hours on a CPU)
@@ -597,9 +597,10 @@ def ddim(model, x_T, alpha_bar, steps, eta=0.0, clip=False, generator=None):
 
 
 @torch.no_grad()
-def dpmpp_2m(model, x_T, alpha_bar, steps, spacing="logsnr", clip=False):
+def dpmpp_2m(model, x_T, alpha_bar, steps, spacing="logsnr", clip=False, sde=False, generator=None):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) over timesteps T-1, ..., 0 (spaced by `spacing`),
-    then x_0. The first step is first order (DDIM); the last one, to sigma = 0, returns x0_hat."""
+    then x_0. The first step is first order (DDIM); the last one, to sigma = 0, returns x0_hat.
+    With sde=True each step solves the reverse SDE instead (see dpmpp_2m_sde)."""
     ts = timesteps(alpha_bar, steps, spacing)
     lam = lambda t: 0.5 * math.log(alpha_bar[t].item() / (1 - alpha_bar[t].item()))
     x, x0_prev, h_prev = x_T, None, None
@@ -615,7 +616,11 @@ def dpmpp_2m(model, x_T, alpha_bar, steps, spacing="logsnr", clip=False):
         else:  # linear extrapolation of x0_hat in lambda, from the last two steps
             r = h_prev / h
             D = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-        x = math.sqrt((1 - ab_s) / (1 - ab)) * x - math.sqrt(ab_s) * math.expm1(-h) * D
+        if sde:
+            x = (math.sqrt((1 - ab_s) / (1 - ab)) * math.exp(-h) * x - math.sqrt(ab_s) * math.expm1(-2 * h) * D
+                 + math.sqrt((1 - ab_s) * -math.expm1(-2 * h)) * randn_like(x, generator))
+        else:
+            x = math.sqrt((1 - ab_s) / (1 - ab)) * x - math.sqrt(ab_s) * math.expm1(-h) * D
         x0_prev, h_prev = x0, h
 
 
@@ -642,27 +647,13 @@ def heun(model, x_T, alpha_bar, steps, spacing="time", clip=False):
         y = y + (sig(s) - sig(t)) * (eps + eps_s) / 2  # the average of the slopes at both ends
 
 
-@torch.no_grad()
 def dpmpp_2m_sde(model, x_T, alpha_bar, steps, spacing="logsnr", clip=False, generator=None):
     """SDE-DPM-Solver++(2M) (Lu et al. 2022, sec. 5 and appendix): the same multistep data prediction,
     but each step solves the reverse SDE instead of the ODE, so it adds fresh noise:
         x_s = sqrt(1-ab_s)/sqrt(1-ab_t) e^-h x_t + sqrt(ab_s) (1 - e^-2h) D + sqrt(1-ab_s) sqrt(1 - e^-2h) z.
     Its first step (D = x0_hat) is exactly DDPM's posterior step (DDIM with eta = 1). The noise
     corrects part of the model's error as it goes, as ancestral DDPM's does (Karras et al. 2022, sec. 4)."""
-    ts = timesteps(alpha_bar, steps, spacing)
-    lam = lambda t: 0.5 * math.log(alpha_bar[t].item() / (1 - alpha_bar[t].item()))
-    x, x0_prev, h_prev = x_T, None, None
-    for i, t in enumerate(ts):
-        _, x0 = denoise(model, x, t, alpha_bar, clip)
-        if i + 1 == len(ts):
-            return x0
-        s = ts[i + 1]
-        ab, ab_s = alpha_bar[t].item(), alpha_bar[s].item()
-        h = lam(s) - lam(t)
-        D = x0 if x0_prev is None else x0 + (x0 - x0_prev) * (h / h_prev) / 2
-        x = (math.sqrt((1 - ab_s) / (1 - ab)) * math.exp(-h) * x - math.sqrt(ab_s) * math.expm1(-2 * h) * D
-             + math.sqrt((1 - ab_s) * -math.expm1(-2 * h)) * randn_like(x, generator))
-        x0_prev, h_prev = x0, h
+    return dpmpp_2m(model, x_T, alpha_bar, steps, spacing, clip, sde=True, generator=generator)
 
 
 SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpm++2m": dpmpp_2m, "heun": heun, "dpm++2m-sde": dpmpp_2m_sde}
