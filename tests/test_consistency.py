@@ -163,13 +163,7 @@ def test_06_unet_without_conditions_matches_04():
         net_b = b.UNet(**kwargs)
         torch.manual_seed(1)
         net_f = f.UNet(**kwargs, num_classes=0, ctx_dim=0)
-        state = net_b.state_dict()
-        assert list(state) == list(net_f.state_dict())  # same parameter names, same order
-        g = torch.Generator().manual_seed(2)
-        for p in state.values():  # randomise everything, the zero-initialised output conv included
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05 if p.dtype.is_floating_point else p)
-        net_b.load_state_dict(state)
-        net_f.load_state_dict(state)
+        g = _randomised_pair(net_b, net_f)
         x, t = torch.randn(3, kwargs.get("in_ch", 3), 16, 16, generator=g), torch.tensor([0, 321, 999])
         with torch.no_grad():
             assert torch.equal(net_b(x, t), net_f(x, t))
