@@ -805,7 +805,8 @@ def train_diffusion(data, labels, model, args, device, autocast, alpha_bar, gen,
         used = busy if kind == "seconds" else step
         while marks and used >= marks[0]:
             marks.pop(0)
-            snaps.append((busy, step, copy.deepcopy(ema.state_dict())))
+            if not snaps or snaps[-1][1] != step:  # one slow step can pass several marks: keep one copy
+                snaps.append((busy, step, copy.deepcopy(ema.state_dict())))
         if used >= total:
             break
         idx = torch.randint(len(data), (B,), generator=gen)
@@ -874,6 +875,7 @@ class LoRA(nn.Module):
             self.B = nn.Conv2d(rank, base.out_channels, 1, bias=False)
         nn.init.kaiming_uniform_(self.A.weight, a=math.sqrt(5))  # as nn.Linear's default
         nn.init.zeros_(self.B.weight)  # so the adapted model starts as the base model
+        self.to(base.weight.device, base.weight.dtype)  # on the base's device: a CUDA model gets CUDA adapters
 
     def forward(self, x):
         return self.base(x) + self.scale * self.B(self.A(x))

@@ -148,6 +148,15 @@ def test_lora_merge_is_exact_per_layer(layer):
     assert not torch.allclose(layer(x), lora(x))  # the update is not zero
 
 
+@pytest.mark.parametrize("layer", [torch.nn.Linear(5, 3), torch.nn.Conv2d(4, 6, 3, padding=1)])
+def test_lora_adapters_follow_the_base_layers_device_and_dtype(layer):
+    # a CUDA model must get CUDA adapters (seen failing on an H100): the meta device stands in for CUDA here
+    for base in (layer.double(), copy.deepcopy(layer).to("meta")):
+        lora = m.LoRA(base, rank=2, alpha=2.0)
+        for w in (lora.A.weight, lora.B.weight):
+            assert (w.device, w.dtype) == (base.weight.device, base.weight.dtype)
+
+
 def test_merged_unet_matches_adapters_and_loads_as_a_plain_unet():
     net = small_unet()
     adapted = m.add_lora(copy.deepcopy(net), rank=2, alpha=2.0)
