@@ -40,13 +40,16 @@ checkpoints that resume exactly, several GPUs, and an honest number for how good
 
 Mixed precision: on CUDA, bf16 autocast (and TF32 matmuls). On a CPU with bf16 units (AVX512-BF16 or
 AMX) bf16 autocast pays too: on our 2-core test machine it trained this UNet 1.58x faster than
-fp32 with the same loss curve, so `--precision auto` picks it wherever the CPU supports it.
+fp32 with the same loss curve, so `--precision auto` picks it wherever the CPU supports it. On an
+H100 the same bench ran bf16 at 0.82x fp32's speed: a model this small waits on kernel launches there,
+and autocast adds casts. Measure yours with --bench before choosing.
 
 Run
 ---
     python 04_train.py                       # shapes, about 15 min on a 2-core CPU
     python 04_train.py --device cuda         # a GPU
     python 04_train.py --quick               # seconds: a smoke test
+    python 04_train.py --bench 300           # fp32 against bf16 autocast: images/s and loss, no training run
     python 04_train.py --resume              # continue runs/04/ckpt.pt (same weights as never stopping)
     python 04_train.py --dataset mnist       # torchvision data, downloaded into --data-dir
     python 04_train.py --dataset folder --data-dir PATH   # your images, one sub-folder per class
