@@ -41,6 +41,13 @@ pins them to 04.
    values), padding masked out,  attention(Q, K, V) = softmax(Q K^T / sqrt(d) + mask) V,  and the
    mean of the token features added to the time embedding (where the class model adds its label).
    The text UNet starts as the trained class model's unconditional half (new layers zeroed).
+   It trains with the plain v loss (--text-loss-weight none), not 04's min-SNR weighting. Colour is
+   a property of the whole shape, readable from x_t down to very low SNR, so the caption only has to
+   supply it at the noisiest steps, which decide it when sampling. In x_0 terms min-SNR weights those
+   steps by SNR (0.02 at t = 900), the v loss by 1 + SNR, about 1. Measured on the same warm start
+   and 900 steps, colour accuracy on seen prompts was 58% with min-SNR and 99% with the v loss, while
+   shape accuracy stayed above 90%. The class model keeps min-SNR: trained with the plain v loss its
+   shapes were blobs (70% class accuracy at s = 3, against 97%).
    Captions are shortened at random in training (size and place dropped half the time, colour or
    shape 15%), so "a green star" means what it says. Five colour-shape pairs are held out of the text
    model's training data (default: red star, green circle, blue cross, yellow triangle, magenta square:
@@ -51,7 +58,7 @@ pins them to 04.
 
 Run
 ---
-    python 06_condition.py                       # everything: 11.5 min alone on a 2-core CPU (26 min on a busy one)
+    python 06_condition.py                       # everything: 17 min alone on a 2-core CPU
     python 06_condition.py --prompt "a large green star"    # draw from a prompt (reuses runs/06/text.pt)
     python 06_condition.py --dataset mnist       # class guidance on digits (no captions: no text part)
     python 06_condition.py --quick               # seconds: a smoke test
@@ -127,9 +134,11 @@ def parse_args(argv=None):
     a("--data-dir", default="data", help="where torchvision data is downloaded, or the image folder")
     a("--image-size", type=int, default=32, help="images are resized (and centre-cropped, or padded) to this")
     a("--pred", default="v", choices=["eps", "v", "x0"], help="what the networks predict (as in 04)")
-    a("--loss-weight", default="min-snr", choices=["none", "min-snr"])
+    a("--loss-weight", default="min-snr", choices=["none", "min-snr"], help="the class model's (as in 04)")
+    a("--text-loss-weight", default="none", choices=["none", "min-snr"],
+      help="the text model's: min-SNR starves the high-noise steps where colour is decided (see the docstring)")
     a("--base-ch", type=int, default=24, help="class-conditional UNet width")
-    a("--steps", type=int, default=1600, help="training steps of the class-conditional UNet")
+    a("--steps", type=int, default=3200, help="training steps of the class-conditional UNet")
     a("--text-steps", type=int, default=900, help="training steps of the text-conditional UNet and its encoder")
     a("--text-init", default="class", choices=["class", "scratch"],
       help="class: the text UNet starts as the trained class model's unconditional half; scratch: random")
@@ -146,9 +155,9 @@ def parse_args(argv=None):
     a("--scales", default="0,1,2,3,5,7.5", help="guidance scales measured (0: unconditional, 1: conditional)")
     a("--cg-scales", default="0,1,3,10,30,100",
       help="classifier-guidance scales measured (its scale is in other units than classifier-free guidance's)")
-    a("--eval-per-class", type=int, default=20, help="samples per class and scale for accuracy and FD")
+    a("--eval-per-class", type=int, default=50, help="samples per class and scale for accuracy and FD")
     a("--text-scale", type=float, default=3.0, help="classifier-free guidance scale for text")
-    a("--text-per-prompt", type=int, default=4, help="samples per colour-shape prompt when measuring text")
+    a("--text-per-prompt", type=int, default=8, help="samples per colour-shape prompt when measuring text")
     a("--holdout", default="red star,green circle,blue cross,yellow triangle,magenta square",
       help="colour-shape pairs removed from the text model's training data (compositional test)")
     a("--sample-steps", type=int, default=20, help="DDIM steps for every sample")
@@ -810,7 +819,8 @@ class TextToImage(nn.Module):
     embedding, in the UNet's label_emb slot where the class model adds its label (Imagen and SDXL add such
     a pooled text embedding too). The pooled path reaches every residual block's scale and shift, where
     global attributes like colour are set: with cross-attention alone, our text model learned the shapes
-    the words asked for but not their colours (18% colour accuracy after 900 steps)."""
+    the words asked for but not their colours (18% colour accuracy after 900 steps). With the pooled path
+    it was 58% under min-SNR weighting and 99% with the plain v loss (--text-loss-weight, the docstring)."""
 
     def __init__(self, unet, encoder):
         super().__init__()
@@ -1101,7 +1111,7 @@ def save_losses(path, logs):
         series.append((name, [i * k + k for i in range(len(losses) // k)],
                        [sum(losses[i * k:(i + 1) * k]) / k for i in range(len(losses) // k)]))
     ys = [y for _, _, s in series for y in s]
-    line_panel(d, (90, 60, 590, 370), series, "training loss (min-SNR-weighted v, mean over steps)", "step",
+    line_panel(d, (90, 60, 590, 370), series, "training loss (mean over steps)", "step",
                "loss (log)", logy=True, ylim=(min(ys) * 0.8, max(ys) * 1.25))
     img.save(path)
 
@@ -1174,15 +1184,18 @@ def main(argv=None):
 
         if args.text_init == "class":
             warm_start(model.unet, class_unet)
-        config = dict(base, what="text", steps=args.text_steps, width=args.text_width, layers=args.text_layers,
+        config = dict(base, what="text", loss_weight=args.text_loss_weight, steps=args.text_steps,
+                      width=args.text_width, layers=args.text_layers,
                       holdout=[" ".join(p) for p in args.holdout], vocab=tokenizer.vocab,
                       init=class_config if args.text_init == "class" else dict(base_ch=args.base_ch))
+        text_args = argparse.Namespace(**{**vars(args), "loss_weight": args.text_loss_weight})
         n_params = sum(p.numel() for p in model.parameters())
         print(f"text model: UNet + encoder {n_params / 1e6:.2f}M params, {len(text_idx)} training captions "
               f"(held-out pairs removed: {', '.join(' '.join(p) for p in args.holdout) or 'none'})")
         log = train_or_load(os.path.join(args.run_dir, "text.pt"), config, model,
-                            lambda: train_diffusion(model, batch, y_null, args.text_steps, args, alpha_bar, autocast,
-                                                    torch.Generator().manual_seed(args.seed + 20), "text model"),
+                            lambda: train_diffusion(model, batch, y_null, args.text_steps, text_args, alpha_bar,
+                                                    autocast, torch.Generator().manual_seed(args.seed + 20),
+                                                    "text model"),
                             args.retrain)
         return model.eval().requires_grad_(False), log, y_null
 
@@ -1289,12 +1302,13 @@ def main(argv=None):
                  + (" and in 06_cfg_grid.png)" if name == "classifier" else ")"),
                  row_labels=classes, col_labels=[f"s = {s:g}" for s in scales[name]]).save(os.path.join(args.out, file))
     save_tradeoff(os.path.join(args.out, "06_tradeoff.png"), res, floor)
-    logs = [("class model", class_log.get("losses", []))]
+    weighted = {"min-snr": "min-SNR v", "none": "plain v"}
+    logs = [(f"class: {weighted[args.loss_weight]}", class_log.get("losses", []))]
 
     # -- text: captions -> tokens -> encoder -> cross-attention, with held-out colour-shape pairs
     if tokenizer is not None:
         model, text_log, y_null = text_model(unet, config)
-        logs.append(("text model", text_log.get("losses", [])))
+        logs.append((f"text: {weighted[args.text_loss_weight]}", text_log.get("losses", [])))
         t1 = time.time()
         real_colour = torch.tensor([list(COLORS).index(captions[i].split()[2]) for i in held[:n_eval].tolist()])
         pairs = [(c, s) for s in SHAPES for c in COLORS]

@@ -209,6 +209,21 @@ def test_quick_run_writes_every_figure_then_draws_a_prompt(tmp_path):
     assert Image.open(tmp_path / "fig" / "06_prompt.png").size[0] > 100
 
 
+def test_text_model_trains_with_its_own_loss_weight(tmp_path, monkeypatch):
+    seen, train = {}, m.train_diffusion
+
+    def spy(model, batch_fn, y_null, steps, args, *rest):
+        seen[rest[-1]] = args.loss_weight  # rest ends with the model's name
+        return train(model, batch_fn, y_null, steps, args, *rest)
+
+    monkeypatch.setattr(m, "train_diffusion", spy)
+    m.main(["--quick", "--out", str(tmp_path / "fig"), "--run-dir", str(tmp_path / "run"), "--scales", "3",
+            "--cg-scales", "0", "--text-loss-weight", "none"])
+    assert seen == {"class model": "min-snr", "text model": "none"}
+    text = torch.load(tmp_path / "run" / "text.pt", map_location="cpu", weights_only=True)
+    assert text["config"]["loss_weight"] == "none"  # so a min-SNR text model is not reused as this one
+
+
 @pytest.mark.parametrize("bad, says", [
     (["--prompt", "a purple star"], "vocabulary"),
     (["--scales", "1,two"], "--scales"),
