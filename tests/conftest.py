@@ -38,6 +38,12 @@ def run_script(name, *args, timeout=600, cwd=None, env=None):
     return proc.returncode, proc.stdout, proc.stderr
 
 
+def assert_clean_exit_2(code, out, err, needle):
+    """A bad command line: exit status 2 and one line on stderr that names the problem, no traceback."""
+    assert code == 2, (out, err)
+    assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err, err
+
+
 @pytest.fixture(scope="session")
 def lesson():
     """lesson("01_forward") -> the loaded module."""

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import load_script, run_script
+from conftest import assert_clean_exit_2, load_script, run_script
 
 m = load_script("07_latent")
 
@@ -233,6 +233,5 @@ def test_quick_run_writes_every_figure(tmp_path):
     (["--factor", "8", "--ch-mult", "1,2,2,2"], "--factor 8"),
 ] + ([(["--device", "cuda"], "CUDA")] if not torch.cuda.is_available() else []))
 def test_bad_input_exits_2(tmp_path, args, needle):
-    code, out, err = run_script("07_latent", "--out", tmp_path / "fig", "--run-dir", tmp_path / "run", *args)
-    assert code == 2, (out, err)
-    assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err
+    assert_clean_exit_2(*run_script("07_latent", "--out", tmp_path / "fig", "--run-dir", tmp_path / "run", *args),
+                        needle)
