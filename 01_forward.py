@@ -1,13 +1,10 @@
 """Lesson 01: the forward process, or how to turn any image into pure noise.
 
-What you will learn
--------------------
 A diffusion model learns to undo a fixed, simple corruption: adding a little Gaussian noise, T times.
 This lesson builds that corruption (the *forward process*) and checks every claim about it by numbers.
 
-1. Gaussian noise and the reparameterisation trick. A sample of N(mu, sigma^2) is mu + sigma * eps
-   with eps ~ N(0, 1). Writing noise this way keeps the randomness in eps, so x stays a plain,
-   differentiable function of mu and sigma.
+1. Gaussian noise, reparameterised: a sample of N(mu, sigma^2) is mu + sigma * eps with eps ~ N(0, 1).
+   The randomness stays in eps, so x is a plain, differentiable function of mu and sigma.
 2. One step of noise (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", eq. 2):
        q(x_t | x_{t-1}) = N( sqrt(1 - beta_t) x_{t-1}, beta_t I )
    i.e. x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps_t. Shrinking x by sqrt(1 - beta_t) while adding
@@ -22,26 +19,24 @@ This lesson builds that corruption (the *forward process*) and checks every clai
 4. Schedules. Linear (DDPM): beta from 1e-4 to 0.02 over T = 1000 steps. Cosine (Nichol & Dhariwal
    2021, "Improved DDPM", eq. 17): alpha_bar_t = f(t) / f(0), f(t) = cos^2(((t/T) + s) / (1 + s) * pi/2),
    s = 0.008, betas clipped at 0.999.
-5. Signal-to-noise ratio SNR(t) = alpha_bar_t / (1 - alpha_bar_t). The linear schedule's log SNR
-   falls fast early and then spends its last few hundred steps on images that are already noise;
-   the cosine schedule's log SNR falls almost linearly in t, so every step destroys a similar share
-   of what is left. That is why it works better for small images.
+5. Signal-to-noise ratio SNR(t) = alpha_bar_t / (1 - alpha_bar_t). The linear schedule's log SNR falls
+   fast early and then spends its last few hundred steps on images that are already noise; the cosine
+   schedule's log SNR falls almost linearly in t, so every step destroys a similar share of what is left.
 6. Why x_T is pure noise: at T - 1 the linear alpha_bar is 4.04e-5, so x_T = 0.006 x_0 + 0.99998 eps.
    Whatever the image was, x_T is N(0, I) to within a fraction of a percent: sampling can start there.
 
-Time steps are 0-based here, as in code: t = 0 is the first noising step, t = T-1 the last;
-alpha_bar[t] is the paper's alpha_bar_{t+1}.
+Time steps are 0-based, as in code: t = 0 is the first noising step, t = T-1 the last; alpha_bar[t] is
+the paper's alpha_bar_{t+1}.
 
-Run
----
+Run:
     python 01_forward.py            # under a minute on a 2-core CPU; writes figures/01_*
-    python 01_forward.py --quick    # a few seconds, smaller numbers (used by the tests)
-
-It writes figures/01_noising.png, 01_schedules.png, 01_2d_diffusion.png, 01_xT_histogram.png,
-01_noising.gif, and prints the closed-form-against-chain table.
+    python 01_forward.py --quick    # a few seconds, smaller numbers; writes runs/quick/01_*
+    main(["--quick"])               # the same from a notebook cell
+It writes 01_noising.png, 01_schedules.png, 01_2d_diffusion.png, 01_xT_histogram.png and 01_noising.gif,
+and prints the closed-form-against-chain table.
 """
 
-# %% Setup: imports, command line, device
+# %% Imports and the lesson's constants
 import argparse
 import math
 import os
@@ -53,53 +48,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a user's mistake in one line and exits with status 2."""
-
-    def error(self, message):
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def fail(message):
-    """One line naming the fix, exit status 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def pick_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for but CUDA is not available; use --device cpu (or auto)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        fail("--device mps was asked for but MPS is not available; use --device cpu (or auto)")
-    return torch.device(name)
-
-
-def parse_args(argv=None):
-    p = Parser(description="Lesson 01: the forward process (noise, schedules, closed form).",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--T", type=int, default=1000, help="number of diffusion steps")
-    p.add_argument("--n-check", type=int, default=100_000,
-                   help="samples per row of the closed-form-against-chain check")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="figures", help="folder for the figures")
-    p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (seconds)")
-    args = p.parse_args(argv)
-    if args.T < 2:
-        fail(f"--T must be at least 2 (got {args.T}); DDPM uses --T 1000")
-    if args.n_check < 100:
-        fail(f"--n-check must be at least 100 (got {args.n_check})")
-    if args.quick:
-        args.n_check = min(args.n_check, 20_000)
-    return args
+SHOW_T = (0, .05, .1, .2, .3, .4, .5, .7, 1)  # 01_noising.png's columns, as fractions of T
+N_2D, N_HIST, GIF_FRAMES = 3000, 512, 60  # points in the 2D figure, images in the histogram, GIF frames
 
 
 # %% Noise schedules: beta_t, alpha_bar_t and the signal-to-noise ratio
@@ -247,103 +197,7 @@ def to_uint8(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-# %% Figures: image grids and PIL line plots (matplotlib is not a dependency)
-PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207)]
-
-
-def font(px):
-    return ImageFont.load_default(size=px)
-
-
-def grid_image(x_uint8, nrow, scale=3, pad=2):
-    """uint8 [N, 3, H, W] -> PIL image of a grid, upscaled by `scale` (nearest) so pixels stay crisp."""
-    g = make_grid(x_uint8, nrow=nrow, padding=pad, pad_value=255)  # [3, H', W']
-    img = Image.fromarray(g.permute(1, 2, 0).numpy())
-    return img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
-
-
-def labelled(img, title, row_labels=(), col_labels=(), left=0, top=0):
-    """Add a title, and row/column labels placed over the cells of an evenly divided image."""
-    f, ft = font(14), font(16)
-    left = left or (max((int(f.getlength(s)) for s in row_labels), default=0) + 12 if row_labels else 8)
-    top = top or (50 if col_labels else 32)
-    canvas = Image.new("RGB", (img.width + left + 8, img.height + top + 8), "white")
-    canvas.paste(img, (left, top))
-    d = ImageDraw.Draw(canvas)
-    d.text((canvas.width // 2, 6), title, fill="black", font=ft, anchor="ma")
-    for i, s in enumerate(col_labels):
-        d.text((left + (i + 0.5) * img.width / len(col_labels), top - 4), s, fill="black", font=f, anchor="md")
-    for i, s in enumerate(row_labels):
-        d.text((left - 6, top + (i + 0.5) * img.height / len(row_labels)), s, fill="black", font=f, anchor="rm")
-    return canvas
-
-
-def nice_ticks(lo, hi, n=5):
-    """About n round numbers spanning [lo, hi] (1, 2, 5 times a power of ten apart)."""
-    span = (hi - lo) or 1.0
-    raw = span / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = min((m * mag for m in (1, 2, 5, 10) if m * mag >= raw), default=10 * mag)
-    start = math.ceil(lo / step) * step
-    return [start + i * step for i in range(int((hi - start) / step + 1e-9) + 1)]
-
-
-def fmt(v):
-    return f"{v:.0e}" if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3) else f"{v:g}"
-
-
-def plot_axes(d, box, xlim, ylim, xlabel, ylabel, title, logx=False, logy=False):
-    """Draw axes, ticks, labels and title in box (x0, y0, x1, y1); return a data->pixel mapping."""
-    x0, y0, x1, y1 = box
-    f = font(13)
-    tx = (lambda v: math.log10(v)) if logx else (lambda v: v)
-    ty = (lambda v: math.log10(v)) if logy else (lambda v: v)
-    (xa, xb), (ya, yb) = (tx(xlim[0]), tx(xlim[1])), (ty(ylim[0]), ty(ylim[1]))
-
-    def to_px(x, y):
-        return (x0 + (tx(x) - xa) / ((xb - xa) or 1) * (x1 - x0),
-                y1 - (ty(y) - ya) / ((yb - ya) or 1) * (y1 - y0))
-
-    d.rectangle(box, outline="black")
-    xt = [10 ** e for e in range(math.ceil(xa), math.floor(xb) + 1)] if logx else nice_ticks(*xlim)
-    yt = [10 ** e for e in range(math.ceil(ya), math.floor(yb) + 1)] if logy else nice_ticks(*ylim)
-    for v in xt:
-        px = to_px(v, ylim[0])[0]
-        d.line([(px, y1), (px, y1 + 4)], fill="black")
-        d.line([(px, y0), (px, y1)], fill=(230, 230, 230))
-        d.text((px, y1 + 6), fmt(v), fill="black", font=f, anchor="ma")
-    for v in yt:
-        py = to_px(xlim[0], v)[1]
-        d.line([(x0 - 4, py), (x0, py)], fill="black")
-        d.line([(x0 + 1, py), (x1 - 1, py)], fill=(230, 230, 230))
-        d.text((x0 - 6, py), fmt(v), fill="black", font=f, anchor="rm")
-    d.rectangle(box, outline="black")
-    d.text(((x0 + x1) / 2, y1 + 24), xlabel, fill="black", font=f, anchor="ma")
-    d.text((x0 - 4, y0 - 8), ylabel, fill="black", font=f, anchor="ld")
-    d.text(((x0 + x1) / 2, y0 - 26), title, fill="black", font=font(15), anchor="md")
-    return to_px
-
-
-def line_panel(d, box, series, title, xlabel, ylabel, logx=False, logy=False, ylim=None):
-    """One panel of lines. series: list of (label, xs, ys). Legend in the top-right corner."""
-    xs_all = [x for _, xs, _ in series for x in xs]
-    ys_all = [y for _, _, ys in series for y in ys]
-    if ylim is None:
-        lo, hi = min(ys_all), max(ys_all)
-        pad = 0 if logy else 0.05 * ((hi - lo) or 1)
-        ylim = (lo - pad, hi + pad)
-    to_px = plot_axes(d, box, (min(xs_all), max(xs_all)), ylim, xlabel, ylabel, title, logx, logy)
-    for k, (label, xs, ys) in enumerate(series):
-        pts = [to_px(x, min(max(y, ylim[0]), ylim[1])) for x, y in zip(xs, ys)]
-        d.line(pts, fill=PALETTE[k % len(PALETTE)], width=2)
-    f = font(13)
-    for k, (label, _, _) in enumerate(series):
-        y = box[1] + 10 + 18 * k
-        d.line([(box[2] - 150, y), (box[2] - 125, y)], fill=PALETTE[k % len(PALETTE)], width=3)
-        d.text((box[2] - 120, y), label, fill="black", font=f, anchor="lm")
-
-
-# %% Figure helpers for 2D data
+# %% 2D data: two moons, which lesson 02 learns to sample
 def two_moons(n, generator, noise=0.05):
     """The classic two interleaved half circles, scaled to roughly unit variance. float [n, 2]."""
     u = torch.rand(n, generator=generator) * math.pi
@@ -354,15 +208,102 @@ def two_moons(n, generator, noise=0.05):
     return pts + noise * torch.randn(n, 2, generator=generator)
 
 
-def scatter_panel(d, box, pts, title, lim=3.0, color=(31, 119, 180)):
-    to_px = plot_axes(d, box, (-lim, lim), (-lim, lim), "x1", "x2", title)
-    for x, y in pts.tolist():
-        if abs(x) < lim and abs(y) < lim:
-            px, py = to_px(x, y)
-            d.ellipse([px - 1, py - 1, px + 1, py + 1], fill=color)
+# %% Experiments: the chain check, then one function per figure
+def closed_form_table(schedules, n, seed):
+    """Print the closed form against n runs of the chain for both schedules, with z-scores."""
+    T = len(schedules["linear"])
+    ts = sorted({0, T // 100, T // 10, T // 4, T // 2, T - 1})
+    print(f"\nclosed form q(x_t | x_0) against {n} runs of the chain, x_0 = 0.8 (|z| < 4 means they agree):")
+    print(f"{'schedule':>8} {'t':>5} {'mean cf':>9} {'mean chain':>10} {'var cf':>8} {'var chain':>9} "
+          f"{'z mean':>7} {'z var':>7}")
+    worst = 0.0
+    for k, betas in schedules.items():
+        for t, m_cf, m_ch, v_cf, v_ch, zm, zv in check_closed_form(betas, n, ts, seed=seed):
+            worst = max(worst, abs(zm), abs(zv))
+            print(f"{k:>8} {t:>5} {m_cf:9.5f} {m_ch:10.5f} {v_cf:8.5f} {v_ch:9.5f} {zm:7.2f} {zv:7.2f}")
+    print(f"largest |z| = {worst:.2f}")
 
 
-# %% Main: the table and the figures
+def figure_noising(path, alpha_bars, image, caption, g, device):
+    """One image [1, 3, H, W] noised across t by both schedules, with the same noise in both rows."""
+    T = len(alpha_bars["linear"])
+    show_t = sorted({min(T - 1, round(f * T)) for f in SHOW_T})
+    x0 = to_unit(image).to(device).expand(len(show_t), -1, -1, -1)  # [len(show_t), 3, H, W]
+    noise = torch.randn(image.shape, generator=g).to(device).expand_as(x0)
+    t = torch.tensor(show_t, device=device)
+    rows = torch.cat([q_sample(x0, t, ab, noise) for ab in alpha_bars.values()])
+    grid(to_uint8(rows).cpu(), len(show_t), f"q(x_t | x_0) for \"{caption}\": same noise, two schedules",
+         row_labels=list(alpha_bars), col_labels=[f"t={t}" for t in show_t]).save(path)
+
+
+def figure_schedules(path, schedules, alpha_bars):
+    """beta_t, alpha_bar_t and log SNR(t) of both schedules, side by side."""
+    tt, size = list(range(len(alpha_bars["linear"]))), (500, 400)
+    save_row(path, [
+        line_plot([(k, tt, b.tolist()) for k, b in schedules.items()],
+                  "beta_t (log scale)", "t", "beta_t", logy=True, ylim=(1e-5, 1.0), size=size),
+        line_plot([(k, tt, ab.tolist()) for k, ab in alpha_bars.items()],
+                  "alpha_bar_t: share of signal variance left", "t", "alpha_bar_t", ylim=(0, 1.02), size=size),
+        line_plot([(k, tt, snr(ab).log().tolist()) for k, ab in alpha_bars.items()],
+                  "log SNR(t) = log(alpha_bar / (1 - alpha_bar))", "t", "log SNR", size=size)])
+
+
+def figure_2d(path, alpha_bar, n, g, lim=3.0):
+    """Two moons diffusing into N(0, I): one scatter panel per t, the same noise in each panel."""
+    T = len(alpha_bar)
+    pts = two_moons(n, g).double()  # [n, 2]
+    eps = torch.randn(pts.shape, generator=g, dtype=torch.float64)
+    panels = []
+    for t in [0, T // 10, T // 4, T // 2, (3 * T) // 4, T - 1]:
+        img, d, to_px = axes((-lim, lim), (-lim, lim), f"t = {t}", "x1", "x2", size=(290, 300))
+        for x, y in q_sample(pts, torch.full((n,), t), alpha_bar, eps).tolist():
+            if abs(x) < lim and abs(y) < lim:
+                px, py = to_px(x, y)
+                d.ellipse([px - 1, py - 1, px + 1, py + 1], fill=PALETTE[0])
+        panels.append(img)
+    save_row(path, panels, "two moons diffusing into N(0, I) (cosine schedule, same noise in each panel)")
+
+
+def figure_histogram(path, alpha_bar, n, seed, g, device):
+    """The pixels of x_T for n shape images, as a density histogram, against the N(0, 1) density."""
+    x0 = to_unit(make_shapes(n, seed=seed + 1)[0]).to(device)
+    t = torch.full((n,), len(alpha_bar) - 1, device=device)
+    xT = q_sample(x0, t, alpha_bar, torch.randn(x0.shape, generator=g).to(device)).flatten().cpu().double()
+    print(f"\nx_T pixels (linear schedule, {len(xT)} values): mean {xT.mean():.4f}, std {xT.std():.4f} "
+          "(N(0, 1): 0, 1)")
+    w = 0.2  # 40 bins on [-4, 4]; a density is count / (number of values * bin width)
+    hist = (torch.histc(xT, bins=40, min=-4, max=4) / (len(xT) * w)).tolist()
+    centres = [-4 + w * (i + 0.5) for i in range(40)]
+    img, d, to_px = axes((-4, 4), (0, max(max(hist), 0.4) * 1.1), f"x_T at t = T-1 (linear): mean "
+                         f"{xT.mean():.3f}, std {xT.std():.3f}", "pixel value of x_T", "density", size=(620, 430))
+    for c, h in zip(centres, hist):
+        (ax, ay), (bx, by) = to_px(c - w / 2, h), to_px(c + w / 2, 0)
+        d.rectangle([ax + 1, ay, bx - 1, by], fill=(158, 202, 225), outline=PALETTE[0])
+    d.line([to_px(c, math.exp(-c * c / 2) / math.sqrt(2 * math.pi)) for c in centres], fill=PALETTE[1], width=3)
+    d.rectangle([420, 60, 590, 102], fill="white", outline=(200, 200, 200))  # the legend
+    d.rectangle([430, 68, 450, 78], fill=(158, 202, 225), outline=PALETTE[0])
+    d.text((456, 73), "x_T histogram", fill="black", font=font(13), anchor="lm")
+    d.line([(430, 92), (450, 92)], fill=PALETTE[1], width=3)
+    d.text((456, 92), "N(0, 1) density", fill="black", font=font(13), anchor="lm")
+    img.save(path)
+
+
+def gif_noising(path, alpha_bars, images, frames, g, device):
+    """A GIF of a few images noised step by step: linear schedule on top, cosine below."""
+    T = len(alpha_bars["linear"])
+    x0 = to_unit(images).to(device)
+    noise = torch.randn(x0.shape, generator=g).to(device)
+    pics = []
+    for t in list(range(0, T, max(1, T // frames))) + [T - 1]:
+        tb = torch.full((len(x0),), t, device=device)
+        both = torch.cat([q_sample(x0, tb, ab, noise) for ab in alpha_bars.values()])
+        pic = grid(to_uint8(both).cpu(), len(x0), f"t = {t:4d}   top: linear, bottom: cosine")
+        pics.append(pic.convert("P", palette=Image.Palette.ADAPTIVE))
+    pics[0].save(path, save_all=True, append_images=pics[1:], duration=[600] + [60] * (len(pics) - 2) + [1500],
+                 loop=0)
+
+
+# %% Main: the table of contents
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
@@ -371,113 +312,170 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
         fail(f"cannot create the output folder {args.out!r} ({e.strerror}); pass --out with a writable folder")
-    start = time.time()
-    T = args.T
+    start, T = time.time(), args.T
     schedules = {"linear": linear_betas(T), "cosine": cosine_betas(T)}
     alpha_bars = {k: alpha_bar_of(b) for k, b in schedules.items()}
     print(f"device {device}, T = {T}")
     for k, ab in alpha_bars.items():
         print(f"{k:>6}: alpha_bar[0] = {ab[0]:.6f}, alpha_bar[T-1] = {ab[-1]:.3e}, "
               f"x_T = {ab[-1].sqrt():.4f} x0 + {(1 - ab[-1]).sqrt():.5f} eps")
+    closed_form_table(schedules, args.n_check, args.seed)
 
-    # -- the closed form against the chain, both schedules
-    ts = sorted({0, T // 100, T // 10, T // 4, T // 2, T - 1})
-    print(f"\nclosed form q(x_t | x_0) against {args.n_check} runs of the chain, x_0 = 0.8 "
-          "(|z| < 4 means they agree):")
-    print(f"{'schedule':>8} {'t':>5} {'mean cf':>9} {'mean chain':>10} {'var cf':>8} {'var chain':>9} "
-          f"{'z mean':>7} {'z var':>7}")
-    worst = 0.0
-    for k, betas in schedules.items():
-        for t, m_cf, m_ch, v_cf, v_ch, zm, zv in check_closed_form(betas, args.n_check, ts, seed=args.seed):
-            worst = max(worst, abs(zm), abs(zv))
-            print(f"{k:>8} {t:>5} {m_cf:9.5f} {m_ch:10.5f} {v_cf:8.5f} {v_ch:9.5f} {zm:7.2f} {zv:7.2f}")
-    print(f"largest |z| = {worst:.2f}")
-
-    # -- shapes noised across t, both schedules (same noise for both rows)
-    images, labels, captions = make_shapes(8, seed=args.seed)
-    x0 = to_unit(images[:1]).to(device)  # [1, 3, 32, 32]
-    g = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn(x0.shape, generator=g).to(device)
-    show_t = [0, 50, 100, 200, 300, 400, 500, 700, 999] if T == 1000 else \
-        sorted({int(round(f * (T - 1))) for f in (0, .05, .1, .2, .3, .4, .5, .7, 1)})
-    rows = []
-    for k, ab in alpha_bars.items():
-        t = torch.tensor(show_t, device=device)
-        rows.append(q_sample(x0.expand(len(show_t), -1, -1, -1), t, ab, noise.expand(len(show_t), -1, -1, -1)))
-    grid = grid_image(to_uint8(torch.cat(rows)).cpu(), nrow=len(show_t), scale=3)
-    labelled(grid, f"q(x_t | x_0) for \"{captions[0]}\": same noise, two schedules",
-             row_labels=["linear", "cosine"], col_labels=[f"t={t}" for t in show_t]
-             ).save(os.path.join(args.out, "01_noising.png"))
-
-    # -- schedule curves: beta_t, alpha_bar_t, log SNR(t)
-    tt = list(range(T))
-    img = Image.new("RGB", (1500, 430), "white")
-    d = ImageDraw.Draw(img)
-    line_panel(d, (80, 60, 480, 370), [(k, tt, b.tolist()) for k, b in schedules.items()],
-               "beta_t (log scale)", "t", "beta_t", logy=True, ylim=(1e-5, 1.0))
-    line_panel(d, (580, 60, 980, 370), [(k, tt, ab.tolist()) for k, ab in alpha_bars.items()],
-               "alpha_bar_t: share of signal variance left", "t", "alpha_bar_t", ylim=(0, 1.02))
-    line_panel(d, (1080, 60, 1480, 370), [(k, tt, snr(ab).log().tolist()) for k, ab in alpha_bars.items()],
-               "log SNR(t) = log(alpha_bar / (1 - alpha_bar))", "t", "log SNR")
-    img.save(os.path.join(args.out, "01_schedules.png"))
-
-    # -- 2D data diffusing into N(0, I) (cosine schedule)
-    n2d = 1000 if args.quick else 3000
-    pts = two_moons(n2d, g).double()
-    eps2d = torch.randn(pts.shape, generator=g, dtype=torch.float64)
-    t2d = [0, T // 10, T // 4, T // 2, (3 * T) // 4, T - 1]
-    img = Image.new("RGB", (6 * 260 + 40, 350), "white")
-    d = ImageDraw.Draw(img)
-    for i, t in enumerate(t2d):
-        xt = q_sample(pts, torch.full((n2d,), t), alpha_bars["cosine"], eps2d)
-        scatter_panel(d, (50 + 260 * i, 80, 50 + 260 * i + 200, 280), xt, f"t = {t}")
-    d.text((img.width // 2, 8), "two moons diffusing into N(0, I) (cosine schedule, same noise in each panel)",
-           fill="black", font=font(16), anchor="ma")
-    img.save(os.path.join(args.out, "01_2d_diffusion.png"))
-
-    # -- histogram of x_T pixels against the N(0, 1) density
-    many, _, _ = make_shapes(64 if args.quick else 512, seed=args.seed + 1)
-    x0s = to_unit(many).to(device)
-    xT = q_sample(x0s, torch.full((len(x0s),), T - 1, device=device), alpha_bars["linear"],
-                  torch.randn(x0s.shape, generator=g).to(device)).flatten().cpu().double()
-    edges = torch.linspace(-4, 4, 41, dtype=torch.float64)
-    hist = torch.histc(xT, bins=40, min=-4, max=4) / (len(xT) * (edges[1] - edges[0]))
-    centres = ((edges[1:] + edges[:-1]) / 2).tolist()
-    dens = [math.exp(-c * c / 2) / math.sqrt(2 * math.pi) for c in centres]
-    print(f"\nx_T pixels (linear schedule, {len(xT)} values): mean {xT.mean():.4f}, std {xT.std():.4f} "
-          "(N(0, 1): 0, 1)")
-    img = Image.new("RGB", (620, 430), "white")
-    d = ImageDraw.Draw(img)
-    to_px = plot_axes(d, (80, 60, 580, 370), (-4, 4), (0, max(max(hist.tolist()), 0.4) * 1.1), "pixel value of x_T",
-                      "density", f"x_T at t = T-1 (linear): mean {xT.mean():.3f}, std {xT.std():.3f}")
-    w = (edges[1] - edges[0]).item()
-    for c, h in zip(centres, hist.tolist()):
-        (ax, ay), (bx, by) = to_px(c - w / 2, h), to_px(c + w / 2, 0)
-        d.rectangle([ax + 1, ay, bx - 1, by], fill=(158, 202, 225), outline=(31, 119, 180))
-    d.line([to_px(c, p) for c, p in zip(centres, dens)], fill=PALETTE[1], width=3)
-    d.rectangle([400, 70, 570, 112], fill="white", outline=(200, 200, 200))
-    d.rectangle([410, 78, 430, 88], fill=(158, 202, 225), outline=(31, 119, 180))
-    d.text((436, 83), "x_T histogram", fill="black", font=font(13), anchor="lm")
-    d.line([(410, 102), (430, 102)], fill=PALETTE[1], width=3)
-    d.text((436, 102), "N(0, 1) density", fill="black", font=font(13), anchor="lm")
-    img.save(os.path.join(args.out, "01_xT_histogram.png"))
-
-    # -- GIF: four shapes noised step by step, linear (top) and cosine (bottom)
-    x4 = to_unit(images[:4]).to(device)
-    n4 = torch.randn(x4.shape, generator=g).to(device)
-    frames = []
-    frame_ts = list(range(0, T, max(1, T // (20 if args.quick else 60)))) + [T - 1]
-    for t in frame_ts:
-        tb = torch.full((4,), t, device=device)
-        both = torch.cat([q_sample(x4, tb, alpha_bars[k], n4) for k in ("linear", "cosine")])
-        frame = labelled(grid_image(to_uint8(both).cpu(), nrow=4, scale=3),
-                         f"t = {t:4d}   top: linear, bottom: cosine")
-        frames.append(frame.convert("P", palette=Image.Palette.ADAPTIVE))
-    frames[0].save(os.path.join(args.out, "01_noising.gif"), save_all=True, append_images=frames[1:],
-                   duration=[600] + [60] * (len(frames) - 2) + [1500], loop=0)
-
+    n_2d, n_hist, frames = (1000, 64, 20) if args.quick else (N_2D, N_HIST, GIF_FRAMES)
+    images, _, captions = make_shapes(8, seed=args.seed)
+    g = torch.Generator().manual_seed(args.seed)  # one stream for every figure's noise, drawn in this order
+    out = args.out
+    figure_noising(os.path.join(out, "01_noising.png"), alpha_bars, images[:1], captions[0], g, device)
+    figure_schedules(os.path.join(out, "01_schedules.png"), schedules, alpha_bars)
+    figure_2d(os.path.join(out, "01_2d_diffusion.png"), alpha_bars["cosine"], n_2d, g)
+    figure_histogram(os.path.join(out, "01_xT_histogram.png"), alpha_bars["linear"], n_hist, args.seed, g, device)
+    gif_noising(os.path.join(out, "01_noising.gif"), alpha_bars, images[:4], frames, g, device)
     print(f"\nwrote 01_noising.png, 01_schedules.png, 01_2d_diffusion.png, 01_xT_histogram.png, "
-          f"01_noising.gif to {args.out}/ in {time.time() - start:.1f}s")
+          f"01_noising.gif to {out}/ in {time.time() - start:.1f}s")
+
+
+def parse_args(argv=None):
+    if argv is None and "ipykernel" in sys.modules:  # in Jupyter, sys.argv holds the kernel's own flags
+        argv = []
+    p = Parser(description="Lesson 01: the forward process (noise, schedules, closed form).",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--T", type=int, default=1000, help="number of diffusion steps")
+    p.add_argument("--n-check", type=int, default=100_000,
+                   help="samples per row of the closed-form-against-chain check")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    p.add_argument("--out", help="folder for the figures; None means figures/, or runs/quick/ with --quick")
+    p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (seconds)")
+    args = p.parse_args(argv)
+    if args.T < 2:
+        fail(f"--T must be at least 2 (got {args.T}); DDPM uses --T 1000")
+    if args.n_check < 100:
+        fail(f"--n-check must be at least 100 (got {args.n_check})")
+    if args.quick:
+        args.n_check = min(args.n_check, 20_000)
+    args.out = args.out or (os.path.join("runs", "quick") if args.quick else "figures")  # never overwrite figures/
+    return args
+
+
+# %% Appendix: command line and drawing
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a user's mistake in one line and exits with status 2."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def fail(message):
+    """One line naming the fix, exit status 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def pick_device(name):
+    """auto: cuda, then mps, then cpu; a device that is not there exits 2."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for but CUDA is not available; use --device cpu (or auto)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        fail("--device mps was asked for but MPS is not available; use --device cpu (or auto)")
+    return torch.device(name)
+
+
+# The drawing kit, with PIL (matplotlib is not a dependency); later lessons copy it from here.
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207)]
+
+
+def font(px):
+    return ImageFont.load_default(size=px)
+
+
+def grid(x_uint8, nrow, title, row_labels=(), col_labels=(), scale=3):
+    """uint8 [N, C, H, W] -> a titled PIL image of the grid, upscaled (nearest) so pixels stay crisp."""
+    g = make_grid(x_uint8, nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy()  # [H', W', 3]
+    img = Image.fromarray(g).resize((g.shape[1] * scale, g.shape[0] * scale), Image.Resampling.NEAREST)
+    f = font(14)
+    left = max((int(f.getlength(s)) for s in row_labels), default=0) + 12 if row_labels else 8
+    top = 50 if col_labels else 32
+    canvas = Image.new("RGB", (img.width + left + 8, img.height + top + 8), "white")
+    canvas.paste(img, (left, top))
+    d = ImageDraw.Draw(canvas)
+    d.text((canvas.width // 2, 6), title, fill="black", font=font(16), anchor="ma")
+    for i, s in enumerate(col_labels):  # labels centred over evenly spaced columns and rows
+        d.text((left + (i + 0.5) * img.width / len(col_labels), top - 4), s, fill="black", font=f, anchor="md")
+    for i, s in enumerate(row_labels):
+        d.text((left - 6, top + (i + 0.5) * img.height / len(row_labels)), s, fill="black", font=f, anchor="rm")
+    return canvas
+
+
+def ticks(lo, hi, log=False):
+    """Round tick values in [lo, hi]: powers of ten on a log axis, else 1, 2 or 5 times a power of ten apart."""
+    if log:
+        return [10.0 ** e for e in range(math.ceil(math.log10(lo)), math.floor(math.log10(hi)) + 1)]
+    raw = ((hi - lo) or 1.0) / 5
+    mag = 10 ** math.floor(math.log10(raw))
+    step = min(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step + 1e-9) + 1)]
+
+
+def axes(xlim, ylim, title, xlabel, ylabel, logx=False, logy=False, size=(480, 360)):
+    """A blank plot with ticks, grid, labels and title: returns (image, draw, to_px: data -> pixel)."""
+    img = Image.new("RGB", size, "white")
+    d, f = ImageDraw.Draw(img), font(13)
+    x0, y0, x1, y1 = 70, 50, size[0] - 20, size[1] - 50
+    tx, ty = (math.log10 if logx else float), (math.log10 if logy else float)
+
+    def to_px(x, y):
+        return (x0 + (tx(x) - tx(xlim[0])) / ((tx(xlim[1]) - tx(xlim[0])) or 1) * (x1 - x0),
+                y1 - (ty(y) - ty(ylim[0])) / ((ty(ylim[1]) - ty(ylim[0])) or 1) * (y1 - y0))
+
+    label = lambda v: f"{v:.0e}" if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3) else f"{v:g}"
+    for v in ticks(*xlim, logx):
+        px = to_px(v, ylim[0])[0]
+        d.line([(px, y0), (px, y1 + 4)], fill=(230, 230, 230))
+        d.text((px, y1 + 6), label(v), fill="black", font=f, anchor="ma")
+    for v in ticks(*ylim, logy):
+        py = to_px(xlim[0], v)[1]
+        d.line([(x0 - 4, py), (x1, py)], fill=(230, 230, 230))
+        d.text((x0 - 6, py), label(v), fill="black", font=f, anchor="rm")
+    d.rectangle((x0, y0, x1, y1), outline="black")
+    d.text(((x0 + x1) / 2, y1 + 24), xlabel, fill="black", font=f, anchor="ma")
+    d.text((x0 - 4, y0 - 8), ylabel, fill="black", font=f, anchor="ld")
+    d.text((size[0] / 2, 8), title, fill="black", font=font(15), anchor="ma")
+    return img, d, to_px
+
+
+def line_plot(series, title, xlabel, ylabel, logx=False, logy=False, ylim=None, size=(480, 360)):
+    """series: [(label, xs, ys)] -> a PIL image of the lines with a legend in the top-right corner."""
+    xs = [x for _, xs_, _ in series for x in xs_]
+    ys = [y for _, _, ys_ in series for y in ys_]
+    pad = 0 if logy else 0.05 * ((max(ys) - min(ys)) or 1)
+    ylim = ylim or (min(ys) - pad, max(ys) + pad)
+    img, d, to_px = axes((min(xs), max(xs)), ylim, title, xlabel, ylabel, logx, logy, size)
+    for k, (name, xs_, ys_) in enumerate(series):
+        color = PALETTE[k % len(PALETTE)]
+        pts = [to_px(x, min(max(y, ylim[0]), ylim[1])) for x, y in zip(xs_, ys_)]
+        d.line(pts, fill=color, width=2)
+        for px, py in pts if len(pts) <= 30 else ():  # few points: mark each measurement
+            d.ellipse((px - 3, py - 3, px + 3, py + 3), fill=color)
+        d.line([(size[0] - 170, 62 + 18 * k), (size[0] - 145, 62 + 18 * k)], fill=color, width=3)
+        d.text((size[0] - 140, 62 + 18 * k), name, fill="black", font=font(13), anchor="lm")
+    return img
+
+
+def save_row(path, images, title=""):
+    """Paste PIL images side by side under an optional title and save the PNG."""
+    top = 30 if title else 0
+    canvas = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images) + top), "white")
+    for k, im in enumerate(images):
+        canvas.paste(im, (sum(i.width for i in images[:k]), top))
+    ImageDraw.Draw(canvas).text((canvas.width // 2, 6), title, fill="black", font=font(16), anchor="ma")
+    canvas.save(path)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """Lesson 01: the schedules, the closed form against the chain, the shapes dataset, the script."""
 import math
+import os
+import sys
+import types
 
 import pytest
 import torch
@@ -187,3 +190,16 @@ def test_script_bad_values_exit_2_with_one_line(tmp_path, args, needle):
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and needle in err
     assert "Traceback" not in err
+
+
+def test_parse_args_in_jupyter_ignores_the_kernel_flags(monkeypatch):
+    # a notebook cell calls main() with sys.argv holding the kernel's own flags: they must not be parsed
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
+    assert vars(m.parse_args()) == vars(m.parse_args([]))
+
+
+def test_quick_never_writes_over_the_default_figures():
+    assert m.parse_args([]).out == "figures"
+    assert os.path.normpath(m.parse_args(["--quick"]).out) == os.path.join("runs", "quick")
+    assert m.parse_args(["--quick", "--out", "elsewhere"]).out == "elsewhere"
