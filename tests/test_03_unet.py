@@ -1,7 +1,10 @@
 """Lesson 03: the UNet's contracts (shapes, sizes, gradients, zero init, time embedding, attention), the
 shape trace and receptive field helpers, overfitting, and the script end to end."""
 import math
+import os
 import re
+import sys
+import types
 
 import pytest
 import torch
@@ -190,8 +193,35 @@ def test_script_quick_writes_every_figure(tmp_path):
 
 
 @pytest.mark.parametrize("args, says", [(["--steps", "0"], "--steps"), (["--image-size", "30"], "multiples of 4"),
-                                        (["--device", "tpu"], "invalid choice"), (["--batch", "-1"], "--batch")])
+                                        (["--device", "tpu"], "invalid choice"), (["--lr", "0"], "--lr")])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, says):
     code, out, err = run_script("03_unet", "--quick", "--out", tmp_path / "x", *args)
     assert code == 2 and says in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_bench_prints_every_row_and_the_bf16_speed_ratio(capsys):
+    m.bench(torch.device("cpu"), iters=1, batch=2, size=16)
+    out = capsys.readouterr().out
+    flops = float(re.search(r"([\d.]+) GFLOP per 16x16 forward", out).group(1))
+    assert 0.1 < flops < 0.3  # 0.728 GFLOP at 32x32: a quarter of the pixels, about a quarter
+    rows = re.findall(r"^\s*(fp32|bf16)\s+(NCHW|channels_last)\s+([\d.]+)\s+\d+\s+([\d.]+)\s+\d+$", out, re.M)
+    assert [r[:2] for r in rows] == [("fp32", "NCHW"), ("fp32", "channels_last"), ("bf16", "NCHW"),
+                                     ("bf16", "channels_last")]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+    ratios = re.search(r"bf16 autocast runs at ([\d.]+)x fp32's speed in NCHW and ([\d.]+)x .* channels_last", out)
+    assert ratios and all(float(r) > 0 for r in ratios.groups())
+
+
+# -- the two hazards: a notebook's sys.argv, and --quick over the committed figures ----------------------------
+def test_parse_args_in_jupyter_ignores_the_kernels_argv(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
+    assert vars(m.parse_args()) == vars(m.parse_args([]))
+
+
+def test_quick_never_writes_over_the_committed_figures():
+    assert m.parse_args([]).out == "figures"
+    quick = m.parse_args(["--quick"])
+    assert quick.out == os.path.join("runs", "quick") and quick.steps <= 30
+    assert m.parse_args(["--quick", "--out", "/tmp/x"]).out == "/tmp/x"
