@@ -1,6 +1,8 @@
 """Lesson 07: the VAE and its KL term, the latent scale factor, guidance, LoRA, inpainting, the script."""
 import copy
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -189,8 +191,7 @@ def test_only_adapter_parameters_get_gradients():
 def test_default_lora_is_under_5_percent_of_the_model():
     net = m.UNet(in_ch=4, base_ch=32, ch_mult=(1, 2, 2), num_classes=5)
     n_all = sum(p.numel() for p in net.parameters())
-    args = m.parse_args([])
-    adapted = m.add_lora(net, args.lora_rank, args.lora_alpha)
+    adapted = m.add_lora(net, m.LORA_RANK, m.LORA_ALPHA)
     n_train = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
     assert 0 < n_train < 0.05 * n_all
 
@@ -227,11 +228,29 @@ def test_quick_run_writes_every_figure(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--factor", "3"], "--factor"),
     (["--seconds", "0"], "--seconds"),
-    (["--ch-mult", "a,b"], "--ch-mult"),
+    (["--colour-jitter", "1.5"], "--colour-jitter"),
     (["--fixed-steps", "5"], "--fixed-steps"),
-    (["--lora-rank", "0"], "--lora-rank"),
-    (["--factor", "8", "--ch-mult", "1,2,2,2"], "--factor 8"),
+    (["--fixed-steps", "a,b"], "--fixed-steps"),
+    (["--fixed-steps", "0,5"], "--fixed-steps"),
+    (["--guidance", "x"], "--guidance"),
 ] + ([(["--device", "cuda"], "CUDA")] if not torch.cuda.is_available() else []))
 def test_bad_input_exits_2(tmp_path, args, needle):
     assert_clean_exit_2(*run_script("07_latent", "--out", tmp_path / "fig", "--run-dir", tmp_path / "run", *args),
                         needle)
+
+
+def test_parse_args_in_jupyter_ignores_the_kernels_flags(monkeypatch):
+    # a notebook calls main() with sys.argv = the kernel's own command line
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
+    assert vars(m.parse_args()) == vars(m.parse_args([]))
+
+
+def test_quick_never_writes_over_the_defaults():
+    full, quick = m.parse_args([]), m.parse_args(["--quick"])
+    assert (full.out, full.run_dir) == ("figures", "runs/07")
+    assert (quick.out, quick.run_dir) == ("runs/quick", "runs/quick/07")
+    assert m.parse_args(["--quick", "--out", "x", "--run-dir", "y"]).out == "x"
+    assert quick.n_images < full.n_images and quick.vae_steps < full.vae_steps
+    assert m.parse_args(["--quick", "--fixed-steps", "300,1500"]).fixed_steps == (6, 12)
+    assert m.parse_args(["--fixed-steps", "300,1500"]).fixed_steps == (300, 1500)
