@@ -1,6 +1,9 @@
 """Lesson 02: the posterior, the eps <-> x_0 conversions, ancestral sampling against an exact answer,
 the ideal denoiser's memorisation, and the script end to end."""
 import math
+import os
+import sys
+import types
 
 import pytest
 import torch
@@ -142,6 +145,30 @@ def test_mmd_is_zero_for_equal_sets_and_grows_with_a_shift(m):
     a, b = m.make_data("spiral", 1000, g), m.make_data("spiral", 1000, g)
     assert m.mmd2(a, a) == pytest.approx(0, abs=1e-12)
     assert m.mmd2(a, b) < m.mmd2(a, b + 0.1) < m.mmd2(a, b + 0.5)
+
+
+def test_sliced_w2_is_zero_for_equal_sets_and_grows_with_a_shift(m):
+    g = torch.Generator().manual_seed(0)
+    a, b = m.make_data("spiral", 1000, g), m.make_data("spiral", 1000, g)
+    assert m.sliced_w2(a, a) == pytest.approx(0, abs=1e-12)
+    assert m.sliced_w2(a, b) < m.sliced_w2(a, b + 0.1) < m.sliced_w2(a, b + 0.5)
+    # a pure shift by d moves every projection by d cos(angle): SW2 = |d| sqrt(mean cos^2) = |d| / sqrt(2)
+    assert m.sliced_w2(a, a + torch.tensor([0.3, 0.0])) == pytest.approx(0.3 / math.sqrt(2), rel=1e-6)
+
+
+def test_parse_args_in_jupyter_ignores_the_kernel_flags(m, monkeypatch):
+    """A notebook cell calling main() must not parse the kernel's own `-f kernel.json` argument."""
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
+    assert vars(m.parse_args()) == vars(m.parse_args([]))
+
+
+def test_quick_never_writes_over_the_default_figures(m):
+    assert m.parse_args([]).out == "figures"
+    quick = m.parse_args(["--quick"])
+    assert os.path.normpath(quick.out) == os.path.join("runs", "quick")
+    assert (quick.steps, quick.n_memo, quick.n_train, quick.n_samples) == (300, 100, 2000, 500)
+    assert m.parse_args(["--quick", "--out", "elsewhere"]).out == "elsewhere"
 
 
 def test_quick_run_learns_and_writes_everything(tmp_path):
