@@ -1,5 +1,8 @@
 """Lesson 06: guidance formulas, label dropout, classifier guidance, the tokenizer and cross-attention,
 the held-out captions, and the script end to end (quick settings) with bad input."""
+import sys
+import types
+
 import pytest
 import torch
 from PIL import Image
@@ -37,15 +40,32 @@ def test_guidance_scale_one_is_conditional_and_zero_unconditional_exactly():
             assert torch.allclose(m.guided_eps(net, x, t, y, s), uncond + s * (cond - uncond), atol=1e-5)
 
 
+def cfg_forms(out_u, out_c, s):
+    """One formula, written four ways in papers and repositories (w = s - 1):
+        out_u + s (out_c - out_u)             GLIDE (Nichol et al. 2022), diffusers' guidance_scale = s
+        (1 + w) out_c - w out_u               Ho & Salimans 2022, with w = s - 1 (w = 0: no guidance)
+        out_c + (s - 1) (out_c - out_u)       'conditional plus a push away from unconditional'
+        lerp(out_u, out_c, s)                 torch.lerp: start + weight (end - start), weight s > 1 extrapolates
+    Expanding each gives (1 - s) out_u + s out_c. So 'scale 7.5' in one repository is 'w = 6.5' in the paper."""
+    w = s - 1
+    return [out_u + s * (out_c - out_u), (1 + w) * out_c - w * out_u, out_c + (s - 1) * (out_c - out_u),
+            torch.lerp(out_u, out_c, s)]
+
+
 def test_the_cfg_forms_are_one_formula():
     g = torch.Generator().manual_seed(0)
     u, c = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
     for s in (0.0, 1.0, 2.0, 3.0, 7.5):
-        forms = m.cfg_forms(u, c, s)
+        forms = cfg_forms(u, c, s)
         assert len(forms) == 4
         for f in forms:
             assert torch.allclose(f, (1 - s) * u + s * c, atol=1e-5)
-    assert torch.equal(m.cfg_forms(u, c, 1.0)[3], c) and torch.equal(m.cfg_forms(u, c, 0.0)[3], u)
+        # the script's guided_eps, over a "model" that returns c for label 1 and u for the null label 0
+        model = lambda x, t, y: torch.where((y == 1).view(-1, 1, 1, 1), torch.cat([c, c])[:len(y)],  # noqa: E731
+                                            torch.cat([u, u])[:len(y)])
+        guided = m.guided_eps(model, u, torch.zeros(2), torch.ones(2, dtype=torch.long), s, torch.zeros(2).long())
+        assert torch.allclose(guided, (1 - s) * u + s * c, atol=1e-5)
+    assert torch.equal(cfg_forms(u, c, 1.0)[3], c) and torch.equal(cfg_forms(u, c, 0.0)[3], u)
 
 
 def test_guiding_v_equals_guiding_eps():
@@ -103,8 +123,8 @@ def test_a_classifier_guidance_step_raises_log_p_of_the_guided_class():
     for c in range(3):
         y = torch.full((6,), c)
         with torch.no_grad():
-            plain = ddim_step(m.classifier_guided_eps(net, clf, x, tt, y, 0.0, alpha_bar, "v"))
-            guided = ddim_step(m.classifier_guided_eps(net, clf, x, tt, y, 2.0, alpha_bar, "v"))
+            plain = ddim_step(m.classifier_guided_eps(net, clf, x, tt, y, 0.0, alpha_bar))
+            guided = ddim_step(m.classifier_guided_eps(net, clf, x, tt, y, 2.0, alpha_bar))
             log_p = [torch.log_softmax(clf(z, tt), 1)[:, c] for z in (plain, guided)]
         assert (log_p[1] > log_p[0]).all(), (c, log_p)
         assert not torch.allclose(plain, guided)
@@ -117,9 +137,10 @@ CAPTIONS = m.make_shapes(300, size=16, seed=0)[2]
 def test_tokenizer_round_trips_and_rejects_unknown_words():
     tok = m.Tokenizer(CAPTIONS)
     ids = tok.encode(CAPTIONS)
+    decode = lambda tokens: [" ".join(tok.vocab[i] for i in row.tolist() if i > 1) for row in tokens]  # noqa: E731
     assert ids.shape == (300, tok.length) and (ids[:, 0] == 1).all()  # START first, never padding
-    assert tok.decode(ids) == CAPTIONS
-    assert tok.decode(tok.encode(["a large green star"])) == ["a large green star"]
+    assert decode(ids) == CAPTIONS
+    assert decode(tok.encode(["a large green star"])) == ["a large green star"]
     assert tok.encode([""]).tolist() == [[1] + [0] * (tok.length - 1)]  # the empty caption: START only
     with pytest.raises(ValueError, match="purple.*vocabulary.*green"):
         tok.encode(["a purple star"])
@@ -205,16 +226,16 @@ def test_quick_run_writes_every_figure_then_draws_a_prompt(tmp_path):
         assert ckpt["format"] == m.FORMAT
     code, out, err = run_script("06_condition", *args, "--prompt", "a large green star")
     assert code == 0, err
-    assert "reusing" in out  # the text model trained above, not a new one
+    assert "reusing" in out and "(12 steps" in out  # the text model trained above (its step count), not a new one
     assert Image.open(tmp_path / "fig" / "06_prompt.png").size[0] > 100
 
 
 def test_text_model_trains_with_its_own_loss_weight(tmp_path, monkeypatch):
     seen, train = {}, m.train_diffusion
 
-    def spy(model, batch_fn, y_null, steps, args, *rest):
-        seen[rest[-1]] = args.loss_weight  # rest ends with the model's name
-        return train(model, batch_fn, y_null, steps, args, *rest)
+    def spy(model, batch_fn, y_null, steps, weight, *rest):
+        seen[rest[-1]] = weight  # rest ends with the model's name
+        return train(model, batch_fn, y_null, steps, weight, *rest)
 
     monkeypatch.setattr(m, "train_diffusion", spy)
     m.main(["--quick", "--out", str(tmp_path / "fig"), "--run-dir", str(tmp_path / "run"), "--scales", "3",
@@ -226,11 +247,26 @@ def test_text_model_trains_with_its_own_loss_weight(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("bad, says", [
     (["--prompt", "a purple star"], "vocabulary"),
+    (["--prompt", "a small red star at the top left at the top"], "at most"),
     (["--scales", "1,two"], "--scales"),
     (["--cg-scales", "-3"], "--cg-scales"),
-    (["--holdout", "red blob"], "--holdout"),
-    (["--dataset", "imagenet"], "--dataset"),
-    (["--image-size", "30"], "multiples of"),
+    (["--steps", "0"], "--steps"),
+    (["--text-loss-weight", "snr"], "--text-loss-weight"),
 ])
 def test_bad_input_exits_2(tmp_path, bad, says):
     assert_clean_exit_2(*run_script("06_condition", "--quick", "--out", tmp_path, "--run-dir", tmp_path, *bad), says)
+
+
+def test_quick_runs_never_write_over_the_defaults():
+    full, quick = m.parse_args([]), m.parse_args(["--quick"])
+    assert (full.out, full.run_dir) == ("figures", "runs/06")
+    assert quick.out == "runs/quick" and quick.run_dir.replace("\\", "/") == "runs/quick/06"
+    assert vars(m.parse_args(["--quick", "--out", "figures", "--run-dir", "runs/06"])) == vars(quick)
+    assert m.parse_args(["--quick", "--out", "o", "--run-dir", "r"]).run_dir == "r"
+    assert quick.steps == 12 and full.steps == 3200 and quick.text_steps < full.text_steps
+
+
+def test_parse_args_ignores_the_jupyter_kernel_arguments(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
+    assert vars(m.parse_args()) == vars(m.parse_args([]))
