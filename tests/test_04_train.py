@@ -12,11 +12,29 @@ from PIL import Image
 from conftest import ROOT, load_script, run_script
 
 m = load_script("04_train")
-QUICK = ["--quick", "--eval-samples", "0"]
+# settings that are module constants, not flags: a launcher sets them, then calls main with the flags
+LAUNCHER = """import importlib.util, sys
+spec = importlib.util.spec_from_file_location("lesson_04", {path!r})
+m = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(m)
+vars(m).update({constants!r})
+m.main(sys.argv[1:])
+"""
 
 
-def train(tmp, *args, run="run"):
-    return run_script("04_train", *QUICK, "--out", tmp / "fig", "--run-dir", tmp / run, *args)
+def launcher(tmp, **constants):
+    """A script that runs 04_train.py's main with some module constants changed (EVAL_SAMPLES=0 unless given)."""
+    path = tmp / "launch_04.py"
+    path.write_text(LAUNCHER.format(path=str(ROOT / "04_train.py"), constants={"EVAL_SAMPLES": 0, **constants}))
+    return str(path)
+
+
+def train(tmp, *args, run="run", **constants):
+    """A --quick run without the quality metric; returns (exit status, stdout, stderr)."""
+    cmd = [sys.executable, launcher(tmp, **constants), "--quick", "--out", tmp / "fig", "--run-dir", tmp / run, *args]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 def load(path):
@@ -76,6 +94,7 @@ def test_quick_run_writes_checkpoint_and_figures(tmp_path):
     ckpt = load(tmp_path / "run" / "ckpt.pt")
     assert {"format", "config", "model", "ema", "optimizer", "step", "rng"} <= set(ckpt)
     assert ckpt["format"] == m.FORMAT and ckpt["step"] == 30
+    assert ckpt["config"]["quick"] is True  # 05 warns when it samples from a quick run
     for name in ("04_samples.png", "04_progress.png", "04_loss.png", "04_x0_pred.png"):
         img = Image.open(tmp_path / "fig" / name)
         lo, hi = img.convert("L").getextrema()
@@ -87,7 +106,7 @@ def test_quick_run_writes_checkpoint_and_figures(tmp_path):
 
 
 def test_resume_is_bit_exact(tmp_path):
-    assert train(tmp_path, "--steps", "8", "--save-every", "4", run="straight")[0] == 0
+    assert train(tmp_path, "--steps", "8", run="straight", SAVE_EVERY=4)[0] == 0
     assert train(tmp_path, "--steps", "4", run="split")[0] == 0
     code, out, err = train(tmp_path, "--steps", "8", "--resume", run="split")
     assert code == 0, err
@@ -104,7 +123,7 @@ def test_resume_is_bit_exact(tmp_path):
 
 def test_torchrun_two_processes_agree(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(ROOT / "04_train.py"), *QUICK, "--steps", "4", "--out", str(tmp_path / "fig"),
+           launcher(tmp_path), "--quick", "--steps", "4", "--out", str(tmp_path / "fig"),
            "--run-dir", str(tmp_path / "run")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
@@ -114,13 +133,37 @@ def test_torchrun_two_processes_agree(tmp_path):
     assert load(tmp_path / "run" / "ckpt.pt")["step"] == 4
 
 
+def test_quick_never_writes_over_the_defaults():
+    default, quick = m.parse_args([]), m.parse_args(["--quick"])
+    assert (default.out, default.run_dir) == ("figures", "runs/04")
+    assert (quick.out, quick.run_dir) == ("runs/quick", "runs/quick/04") and quick.steps == 30
+    assert m.parse_args(["--quick", "--resume"]).resume == os.path.join("runs/quick/04", "ckpt.pt")
+    assert m.parse_args(["--quick", "--out", "x"]).run_dir == "runs/quick/04"  # --out moves figures only
+
+
+def test_parse_args_in_jupyter_ignores_the_kernel_flags(monkeypatch):
+    # a notebook's sys.argv holds the kernel's own flags; main() in a cell must not parse them
+    monkeypatch.setitem(sys.modules, "ipykernel", type(sys)("ipykernel"))
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
+    assert vars(m.parse_args()) == vars(m.parse_args([]))
+
+
+def test_constants_reach_the_config(monkeypatch):
+    monkeypatch.setattr(m, "BASE_CH", 24)
+    monkeypatch.setattr(m, "EVAL_SAMPLES", 0)
+    args = m.parse_args([])
+    assert args.base_ch == 24 and args.eval_samples == 0 and args.ch_mult == m.CH_MULT and args.T == m.T
+    assert m.parse_args(["--quick"]).base_ch == 16
+
+
 # -- data ---------------------------------------------------------------------------------------------
 def test_shapes_dataset_deterministic_and_in_range():
     a, la, names = m.load_dataset("shapes", "unused", 32, seed=3, n_shapes=200)
     b, lb, _ = m.load_dataset("shapes", "unused", 32, seed=3, n_shapes=200)
     assert torch.equal(a, b) and torch.equal(la, lb) and names == list(m.SHAPES)
-    x = m.get_batch(a, torch.arange(200), 16, torch.Generator().manual_seed(0), hflip=True)
-    assert x.min() >= -1 and x.max() <= 1 and x.shape == (16, 3, 32, 32)
+    x, t, eps = m.draw_batch(a, torch.arange(200), 16, torch.Generator().manual_seed(0), hflip=True)
+    assert x.min() >= -1 and x.max() <= 1 and x.shape == eps.shape == (16, 3, 32, 32)
+    assert t.min() >= 0 and t.max() < m.T
 
 
 def write_folder(root, classes=("a", "b"), n=3, size=40):
@@ -215,9 +258,8 @@ def test_ctrl_c_saves_a_checkpoint_and_exits(tmp_path):
     import signal
     import time
     # not --quick: it caps the run at 30 steps, which a loaded machine can finish before the signal lands
-    cmd = [sys.executable, str(ROOT / "04_train.py"), "--eval-samples", "0", "--base-ch", "16", "--batch-size", "8",
-           "--steps", "100000", "--save-every", "100000", "--sample-every", "100000",
-           "--out", str(tmp_path / "fig"), "--run-dir", str(tmp_path / "run")]
+    cmd = [sys.executable, launcher(tmp_path, BASE_CH=16, SAVE_EVERY=100000, SAMPLE_EVERY=100000),
+           "--batch-size", "8", "--steps", "100000", "--out", str(tmp_path / "fig"), "--run-dir", str(tmp_path / "run")]
     # a shell that starts jobs in the background (nohup, CI runners) hands them SIGINT ignored, and Python then
     # keeps ignoring it; a terminal's Ctrl-C is what we test, so give the child the default disposition back
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
