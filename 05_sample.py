@@ -286,9 +286,8 @@ def exactness(out, quick, seed):
     c1, c2 = 0.4 * series[1][2][0] * steps[0], 0.4 * series[2][2][1] * steps[1] ** 2  # guides near DDIM and DPM++
     series += [("slope -1", steps, [c1 / n for n in steps]), ("slope -2", steps, [c2 / n ** 2 for n in steps])]
     ys = [y for s in series for y in s[2]]
-    line_plot(series, "error against a reference ODE solve (exact eps, 2D mixture)", "model evaluations (NFE)",
-              "mean |x_0 - x_0_ref| (log)", logx=True, logy=True, ylim=(min(ys) / 1.5, max(ys) * 2),
-              size=(760, 520)).save(os.path.join(out, "05_exactness.png"))
+    loglog_plot(series, "error against a reference ODE solve (exact eps, 2D mixture)", "model evaluations (NFE)",
+                "mean |x_0 - x_0_ref| (log)", (min(ys) / 1.5, max(ys) * 2)).save(os.path.join(out, "05_exactness.png"))
 
 
 # %% Experiment 2: quality against NFE on images, with the Frechet distance
@@ -332,10 +331,9 @@ def quality(out, args, model, alpha_bar, cfg, data, device):
               for name in args.samplers]  # (label, NFEs, FDs)
     xs, ys = [r[1] for r in rows], [r[2] for r in rows] + [floor]
     series.append(("floor: real vs real", [min(xs), max(xs)], [floor, floor]))
-    line_plot(series, f"sample quality against model evaluations ({n} samples each)",
-              "model evaluations per image (NFE, log scale)", "Frechet distance (lower is better, log)",
-              logx=True, logy=True, ylim=(max(min(ys) * 0.7, 1e-3), max(ys) * 4),  # room for the legend
-              size=(760, 520)).save(os.path.join(out, "05_quality.png"))
+    loglog_plot(series, f"sample quality against model evaluations ({n} samples each)", "model evaluations per "
+                "image (NFE, log scale)", "Frechet distance (lower is better, log)",  # ylim: room for the legend
+                ylim=(max(min(ys) * 0.7, 1e-3), max(ys) * 4)).save(os.path.join(out, "05_quality.png"))
     grid(to_uint8(torch.cat([r[3] for r in rows])), 8, "the same 8 starting noises through every sampler and NFE",
          row_labels=[f"{r[0]}, NFE {r[1]}" for r in rows], scale=2).save(os.path.join(out, "05_grid.png"))
 
@@ -453,7 +451,7 @@ FORMAT = "dmfs-04-v1"  # the tag lesson 04 writes into its checkpoints
 
 
 def read_checkpoint(path):
-    """A lesson-04 checkpoint dict, or one line that names the fix and exit status 2 (as lesson 04 checks it)."""
+    """A lesson-04 checkpoint dict, or one line that names the fix and exit status 2 (lesson 04)."""
     if not os.path.isfile(path):
         fail(f"no checkpoint at {path}; train one first with python 04_train.py (--quick writes "
              "runs/quick/04/ckpt.pt) or pass --ckpt PATH")
@@ -462,8 +460,7 @@ def read_checkpoint(path):
     except Exception as e:
         fail(f"{path} is not a readable checkpoint ({type(e).__name__}); pass a file written by 04_train.py")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        fail(f"{path} was not written by 04_train.py (format tag "
-             f"{ckpt.get('format') if isinstance(ckpt, dict) else '?'!r}, expected {FORMAT!r}); pass a 04 checkpoint")
+        fail(f"{path} was not written by 04_train.py (no format tag {FORMAT!r}); pass a 04 checkpoint")
     return ckpt
 
 
@@ -475,7 +472,7 @@ def bf16_supported(device):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a user's mistake in one line and exits with status 2."""
+    """argparse that reports a user's mistake in one line and exits with status 2 (every lesson)."""
 
     def error(self, message):
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
@@ -483,28 +480,28 @@ class Parser(argparse.ArgumentParser):
 
 
 def fail(message):
-    """One line naming the fix, exit status 2, no traceback."""
+    """One line naming the fix, exit status 2, no traceback (every lesson)."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
 def pick_device(name):
-    """auto: cuda, then mps, then cpu; a device that is not there fails in one line."""
+    """auto: cuda, then mps, then cpu; a device that is not there exits 2 (every lesson)."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not mps):
-        fail(f"--device {name} was asked for but it is not available; use --device cpu (or auto)")
+        fail(f"--device {name} was asked for but {name.upper()} is not available; use --device cpu (or auto)")
     return torch.device(name)
 
 
 def linear_betas(T):
-    """DDPM's schedule (lesson 01): beta_t linear from 1e-4 to 0.02. float64 [T]."""
+    """DDPM's schedule: beta_t linear from 1e-4 to 0.02, float64 [T] (lesson 01)."""
     return torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
 
 
 def cosine_betas(T, s=0.008):
-    """Improved DDPM's schedule (lesson 01): alpha_bar_t = f(t)/f(0), betas clipped at 0.999. float64 [T]."""
+    """Improved DDPM's schedule: alpha_bar_t = f(t)/f(0), betas clipped at 0.999, float64 [T] (lesson 01)."""
     steps = torch.arange(T + 1, dtype=torch.float64) / T
     f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
     return (1 - f[1:] / f[:-1]).clamp(max=0.999)
@@ -524,74 +521,70 @@ POSITIONS = ("top left", "top", "top right", "left", "centre", "right",
 
 
 def shape_polygon(kind, cx, cy, r, angle):
-    """Vertices of a shape centred at (cx, cy) with circumradius r, rotated by angle (lesson 01)."""
-    if kind == "square":
-        radii, k = [r] * 4, 4
-    elif kind == "triangle":
-        radii, k = [r] * 3, 3
-    elif kind == "star":
-        radii, k = [r, 0.45 * r] * 5, 10
-    else:  # cross: a plus sign, 12 vertices on two radii
-        w = 0.32 * r  # half the width of an arm
+    """Vertices of a square, triangle, star or cross centred at (cx, cy), circumradius r, rotated (lesson 01)."""
+    if kind == "cross":  # a plus sign: 12 vertices, arms of half-width w
+        w = 0.32 * r
         pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r),
                (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
         c, s = math.cos(angle), math.sin(angle)
         return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
+    radii = {"square": [r] * 4, "triangle": [r] * 3, "star": [r, 0.45 * r] * 5}[kind]
+    k = len(radii)
     return [(cx + rad * math.cos(angle + 2 * math.pi * i / k), cy + rad * math.sin(angle + 2 * math.pi * i / k))
             for i, rad in enumerate(radii)]
 
 
 def make_shapes(n, size=32, seed=0):
-    """The shapes dataset (lesson 01): (images uint8 [n, 3, size, size], labels int64 [n], captions)."""
+    """(uint8 images [n, 3, size, size], labels int64 [n], captions): one anti-aliased shape each (lesson 01)."""
     rng = np.random.default_rng(seed)
-    shape_i = rng.integers(0, len(SHAPES), n)
-    color_i = rng.integers(0, len(COLORS), n)
-    size_i = rng.integers(0, len(SIZES), n)
-    pos_i = rng.integers(0, len(POSITIONS), n)
-    jitter = rng.uniform(-0.3, 0.3, (n, 2))
-    scale = rng.uniform(0.9, 1.1, n)
-    angle = rng.uniform(0, 2 * math.pi, n)
-    big = 4 * size
-    color_names, size_names = list(COLORS), list(SIZES)
+    shape_i, color_i, size_i, pos_i = (rng.integers(0, len(v), n) for v in (SHAPES, COLORS, SIZES, POSITIONS))
+    jitter, scale, angle = rng.uniform(-0.3, 0.3, (n, 2)), rng.uniform(0.9, 1.1, n), rng.uniform(0, 2 * math.pi, n)
+    big, color_names, size_names = 4 * size, list(COLORS), list(SIZES)
     rgb = np.array([COLORS[c] for c in color_names], dtype=np.float32)  # [6, 3]
-    masks = np.empty((n, size, size), dtype=np.float32)
-    captions = []
+    masks, captions = np.empty((n, size, size), dtype=np.float32), []
     for i in range(n):
         r = SIZES[size_names[size_i[i]]] * scale[i] * big
-        col, row = pos_i[i] % 3, pos_i[i] // 3
-        # centre: one of a 3x3 grid of cells inside [r, big - r], so the shape stays in the picture
+        col, row = pos_i[i] % 3, pos_i[i] // 3  # centre in one of a 3x3 grid of cells inside [r, big - r]
         cx = r + (col + 0.5 + jitter[i, 0]) / 3 * (big - 2 * r)
         cy = r + (row + 0.5 + jitter[i, 1]) / 3 * (big - 2 * r)
         img = Image.new("L", (big, big), 0)
-        draw = ImageDraw.Draw(img)
         kind = SHAPES[shape_i[i]]
         if kind == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+            ImageDraw.Draw(img).ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
         else:
-            draw.polygon(shape_polygon(kind, cx, cy, r, angle[i]), fill=255)
+            ImageDraw.Draw(img).polygon(shape_polygon(kind, cx, cy, r, angle[i]), fill=255)
         masks[i] = np.asarray(img.resize((size, size), Image.Resampling.BOX), dtype=np.float32) / 255
         captions.append(f"a {size_names[size_i[i]]} {color_names[color_i[i]]} {kind} "
                         f"{'in the' if pos_i[i] == 4 else 'at the'} {POSITIONS[pos_i[i]]}")
     images = masks[:, None] * rgb[color_i][:, :, None, None]  # [n, 1, H, W] * [n, 3, 1, 1] -> [n, 3, H, W]
-    images = torch.from_numpy(np.rint(images).astype(np.uint8))
-    return images, torch.from_numpy(shape_i.astype(np.int64)), captions
+    return torch.from_numpy(np.rint(images).astype(np.uint8)), torch.from_numpy(shape_i.astype(np.int64)), captions
 
 
 def to_unit(images):
-    """uint8 [0, 255] -> float [-1, 1] (lesson 04)."""
+    """uint8 [0, 255] -> float [-1, 1], the range diffusion models are trained in (lesson 01)."""
     return images.float() / 127.5 - 1
 
 
 def to_uint8(x):
-    """float [-1, 1] -> uint8 [0, 255], clipped (lesson 04)."""
+    """float [-1, 1] -> uint8 [0, 255], values outside clipped (lesson 01)."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def load_dataset(name, data_dir, size, seed, n_shapes=10_000):
-    """The checkpoint's data as lesson 04 loads it: (images uint8 [N, C, size, size], labels [N], classes)."""
-    if name == "shapes":
-        images, labels, _ = make_shapes(n_shapes, size=size, seed=seed)
-        return images, labels, list(SHAPES)
+def real_images(cfg):
+    """The checkpoint's data, split as lesson 04 splits it: (train, labels, held-out, labels, number of classes)."""
+    if cfg["dataset"] == "shapes":
+        n = cfg.get("n_shapes", 2000 if cfg.get("quick") else 10_000)
+        images, labels, _ = make_shapes(n, size=cfg["image_size"], seed=cfg["seed"])
+        n_classes = len(SHAPES)
+    else:
+        images, labels, n_classes = load_torchvision(cfg["dataset"], cfg.get("data_dir", "data"), cfg["image_size"])
+    n_hold = min(len(images) // 5, 2000)
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg["seed"]))
+    return images[perm[n_hold:]], labels[perm[n_hold:]], images[perm[:n_hold]], labels[perm[:n_hold]], n_classes
+
+
+def load_torchvision(name, data_dir, size):
+    """mnist, fashion-mnist, cifar10 or folder as lesson 04 loads it: (uint8 [N, C, size, size], labels, classes)."""
     import torchvision
     import torchvision.transforms.functional as TF
     try:
@@ -600,7 +593,7 @@ def load_dataset(name, data_dir, size, seed, n_shapes=10_000):
             mode = "L" if all(Image.open(p).mode in ("1", "L") for p, _ in ds.samples) else "RGB"
             pics = [TF.resize(Image.open(p).convert(mode), size, antialias=True) for p, _ in ds.samples]
             return torch.stack([TF.pil_to_tensor(TF.center_crop(x, size)) for x in pics]), torch.tensor(ds.targets), \
-                ds.classes
+                len(ds.classes)
         ds = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
               "cifar10": torchvision.datasets.CIFAR10}[name](data_dir, train=True, download=True)
     except Exception as e:  # moved, never downloaded, no network: the fix is the same
@@ -612,20 +605,11 @@ def load_dataset(name, data_dir, size, seed, n_shapes=10_000):
     if data.shape[-1] != size:
         data = F.pad(data, (pad,) * 4) if 0 < pad and 2 * pad + data.shape[-1] == size else \
             F.interpolate(data.float(), size=(size, size), mode="bilinear", antialias=True).round().byte()
-    return data, torch.as_tensor(np.asarray(ds.targets)), list(ds.classes)
-
-
-def real_images(cfg):
-    """The checkpoint's data split as lesson 04 splits it: (train, labels, held-out, labels, number of classes)."""
-    images, labels, classes = load_dataset(cfg["dataset"], cfg.get("data_dir", "data"), cfg["image_size"], cfg["seed"],
-                                           cfg.get("n_shapes", 2000 if cfg.get("quick") else 10_000))
-    n_hold = min(len(images) // 5, 2000)
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg["seed"]))
-    return images[perm[n_hold:]], labels[perm[n_hold:]], images[perm[:n_hold]], labels[perm[:n_hold]], len(classes)
+    return data, torch.as_tensor(np.asarray(ds.targets)), len(ds.classes)
 
 
 def timestep_embedding(t, dim):
-    """t int64 [B] -> float [B, dim]: sin and cos of t at geometrically spaced frequencies (lesson 03)."""
+    """t int64 [B] -> float [B, dim]: sin and cos of t at frequencies from 1 to 1/10000 (lesson 03)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]  # [B, half]
@@ -633,13 +617,14 @@ def timestep_embedding(t, dim):
 
 
 def group_norm(ch):
+    """GroupNorm with up to 32 groups (lesson 03)."""
     return nn.GroupNorm(math.gcd(32, ch), ch)
 
 
 class ResBlock(nn.Module):
     """skip(x) + conv(SiLU(GN(conv(SiLU(GN(x)))) * (1 + scale) + shift)), then optional attention (lesson 03)."""
 
-    def __init__(self, c_in, c_out, emb_dim, attn_heads=0):
+    def __init__(self, c_in, c_out, emb_dim, attn=False):
         super().__init__()
         self.norm1 = group_norm(c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
@@ -647,7 +632,7 @@ class ResBlock(nn.Module):
         self.norm2 = group_norm(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-        self.attn = Attention(c_out, attn_heads) if attn_heads else nn.Identity()
+        self.attn = Attention(c_out) if attn else nn.Identity()
 
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -657,73 +642,57 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention among the H*W positions of a feature map, with a residual (lesson 03)."""
+    """Four-head self-attention among the H*W positions of a feature map, with a residual (lesson 03)."""
 
     def __init__(self, ch, heads=4):
         super().__init__()
-        self.heads = heads
-        self.norm = group_norm(ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj = nn.Conv2d(ch, ch, 1)
+        self.heads, self.norm = heads, group_norm(ch)
+        self.qkv, self.proj = nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
 
     def forward(self, x):
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
         q, k, v = qkv.transpose(3, 4).unbind(1)  # 3 x [B, heads, HW, C/heads]
-        h = F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(B, C, H, W)
-        return x + self.proj(h)
+        return x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(B, C, H, W))
 
 
-class Downsample(nn.Module):
-    """(B, C, H, W) -> (B, C, H/2, W/2): a stride-2 3x3 conv (lesson 03)."""
+class Resample(nn.Module):
+    """Lesson 03's Downsample (a stride-2 3x3 conv) or Upsample (nearest x2, then a 3x3 conv)."""
 
-    def __init__(self, ch):
+    def __init__(self, ch, up):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.up, self.conv = up, nn.Conv2d(ch, ch, 3, stride=1 if up else 2, padding=1)
 
     def forward(self, x):
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """(B, C, H, W) -> (B, C, 2H, 2W): nearest-neighbour, then a 3x3 conv (lesson 03)."""
-
-    def __init__(self, ch):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest") if self.up else x)
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t) (lessons 03, 04), as 04 builds it: two ResBlocks a level down, three up, attention at
-    level 2 and in the middle. (B, in_ch, H, W), int64 [B] -> (B, in_ch, H, W)."""
+    """eps_theta(x_t, t) as lesson 04 builds it (lesson 03): 2 ResBlocks a level down, 3 up, attention at level 2."""
 
     def __init__(self, in_ch=3, base_ch=32, ch_mult=(1, 2, 2)):
         super().__init__()
-        self.base_ch, self.levels = base_ch, len(ch_mult)
-        emb_dim = 4 * base_ch
+        self.base_ch, emb_dim = base_ch, 4 * base_ch
         self.time_mlp = nn.Sequential(nn.Linear(base_ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(in_ch, base_ch, 3, padding=1)
         self.down = nn.ModuleList()
         chans, ch = [base_ch], base_ch  # channels of every skip, in the order they are saved
         for level, mult in enumerate(ch_mult):
             for _ in range(2):
-                self.down.append(ResBlock(ch, base_ch * mult, emb_dim, 4 * (level == 2)))
+                self.down.append(ResBlock(ch, base_ch * mult, emb_dim, attn=level == 2))
                 ch = base_ch * mult
                 chans.append(ch)
             if level < len(ch_mult) - 1:
-                self.down.append(Downsample(ch))
+                self.down.append(Resample(ch, up=False))
                 chans.append(ch)
-        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, 4), ResBlock(ch, ch, emb_dim)])
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, attn=True), ResBlock(ch, ch, emb_dim)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(ch_mult))):
             for _ in range(3):
-                self.up.append(ResBlock(ch + chans.pop(), base_ch * mult, emb_dim, 4 * (level == 2)))
+                self.up.append(ResBlock(ch + chans.pop(), base_ch * mult, emb_dim, attn=level == 2))
                 ch = base_ch * mult
             if level > 0:
-                self.up.append(Upsample(ch))
+                self.up.append(Resample(ch, up=True))
         self.norm_out = group_norm(ch)
         self.conv_out = nn.Conv2d(ch, in_ch, 3, padding=1)
 
@@ -751,7 +720,7 @@ def to_eps_x0(pred, out, x_t, ab):
 
 
 class Classifier(nn.Module):
-    """The metric's small CNN (lesson 04); its 128-d penultimate features are what the Frechet distance compares."""
+    """The metric's small CNN; its 128-d penultimate features are what the Frechet distance compares (lesson 04)."""
 
     def __init__(self, in_ch, n_classes):
         super().__init__()
@@ -792,8 +761,7 @@ def features_and_classes(clf, x, device, batch=256):
 
 
 def frechet_distance(f1, f2):
-    """FD between Gaussians fitted to two feature sets [N, D] (lesson 04):
-    |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2), the last from eigenvalues."""
+    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2) between two feature sets [N, D] (lesson 04)."""
     mu1, mu2 = f1.mean(0), f2.mean(0)
     s1, s2 = torch.cov(f1.T), torch.cov(f2.T)
     w, V = torch.linalg.eigh(s1)
@@ -802,8 +770,7 @@ def frechet_distance(f1, f2):
     return ((mu1 - mu2).square().sum() + torch.trace(s1) + torch.trace(s2) - 2 * cross).item()
 
 
-# The drawing kit (one for every lesson); 05 adds a grey to PALETTE (its exactness plot has seven lines) and
-# more ticks on log axes (its NFE axes span one or two decades, where powers of ten alone leave one tick or none).
+# The drawing kit, for 05's log-log plots only; a grey joins the palette (the exactness plot has seven lines)
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207),
            (120, 120, 120)]
 
@@ -830,33 +797,27 @@ def grid(x_uint8, nrow, title, row_labels=(), col_labels=(), scale=3):
     return canvas
 
 
-def ticks(lo, hi, log=False):
-    """Round tick values in [lo, hi]: on a log axis 1, 2 and 5 times each power of ten (every digit within a
-    decade), else 1, 2 or 5 times a power of ten apart."""
-    if log:
-        return [m * 10.0 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
-                for m in ((1, 2, 5) if hi / lo > 10 else range(1, 10)) if lo <= m * 10.0 ** e <= hi]
-    raw = ((hi - lo) or 1.0) / 5
-    mag = 10 ** math.floor(math.log10(raw))
-    step = min(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step + 1e-9) + 1)]
-def axes(xlim, ylim, title, xlabel, ylabel, logx=False, logy=False, size=(480, 360)):
-    """A blank plot with ticks, grid, labels and title: returns (image, draw, to_px: data -> pixel)."""
+def log_ticks(lo, hi):
+    """Round values in [lo, hi]: 1, 2 and 5 times each power of ten (every digit when the span is one decade)."""
+    return [m * 10.0 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+            for m in ((1, 2, 5) if hi / lo > 10 else range(1, 10)) if lo <= m * 10.0 ** e <= hi]
+
+
+def loglog_plot(series, title, xlabel, ylabel, ylim, size=(760, 520)):
+    """series: [(label, xs, ys)] -> a PIL image: lines on log-log axes with ticks, grid and a legend top right."""
     img = Image.new("RGB", size, "white")
     d, f = ImageDraw.Draw(img), font(13)
     x0, y0, x1, y1 = 70, 50, size[0] - 20, size[1] - 50
-    tx, ty = (math.log10 if logx else float), (math.log10 if logy else float)
-
-    def to_px(x, y):
-        return (x0 + (tx(x) - tx(xlim[0])) / ((tx(xlim[1]) - tx(xlim[0])) or 1) * (x1 - x0),
-                y1 - (ty(y) - ty(ylim[0])) / ((ty(ylim[1]) - ty(ylim[0])) or 1) * (y1 - y0))
-
+    xlim = (min(x for s in series for x in s[1]), max(x for s in series for x in s[1]))
+    lx, ly = [math.log10(v) for v in xlim], [math.log10(v) for v in ylim]
+    to_px = lambda x, y: (x0 + (math.log10(x) - lx[0]) / ((lx[1] - lx[0]) or 1) * (x1 - x0),
+                          y1 - (math.log10(y) - ly[0]) / ((ly[1] - ly[0]) or 1) * (y1 - y0))
     label = lambda v: f"{v:.0e}" if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3) else f"{v:g}"
-    for v in ticks(*xlim, logx):
+    for v in log_ticks(*xlim):
         px = to_px(v, ylim[0])[0]
         d.line([(px, y0), (px, y1 + 4)], fill=(230, 230, 230))
         d.text((px, y1 + 6), label(v), fill="black", font=f, anchor="ma")
-    for v in ticks(*ylim, logy):
+    for v in log_ticks(*ylim):
         py = to_px(xlim[0], v)[1]
         d.line([(x0 - 4, py), (x1, py)], fill=(230, 230, 230))
         d.text((x0 - 6, py), label(v), fill="black", font=f, anchor="rm")
@@ -864,27 +825,15 @@ def axes(xlim, ylim, title, xlabel, ylabel, logx=False, logy=False, size=(480, 3
     d.text(((x0 + x1) / 2, y1 + 24), xlabel, fill="black", font=f, anchor="ma")
     d.text((x0 - 4, y0 - 8), ylabel, fill="black", font=f, anchor="ld")
     d.text((size[0] / 2, 8), title, fill="black", font=font(15), anchor="ma")
-    return img, d, to_px
-
-
-def line_plot(series, title, xlabel, ylabel, logx=False, logy=False, ylim=None, size=(480, 360)):
-    """series: [(label, xs, ys)] -> a PIL image of the lines with a legend in the top-right corner."""
-    xs = [x for _, xs_, _ in series for x in xs_]
-    ys = [y for _, _, ys_ in series for y in ys_]
-    pad = 0 if logy else 0.05 * ((max(ys) - min(ys)) or 1)
-    ylim = ylim or (min(ys) - pad, max(ys) + pad)
-    img, d, to_px = axes((min(xs), max(xs)), ylim, title, xlabel, ylabel, logx, logy, size)
-    for k, (name, xs_, ys_) in enumerate(series):
+    for k, (name, xs, ys) in enumerate(series):
         color = PALETTE[k % len(PALETTE)]
-        pts = [to_px(x, min(max(y, ylim[0]), ylim[1])) for x, y in zip(xs_, ys_)]
+        pts = [to_px(x, min(max(y, ylim[0]), ylim[1])) for x, y in zip(xs, ys)]
         d.line(pts, fill=color, width=2)
-        for px, py in pts if len(pts) <= 30 else ():  # few points: mark each measurement
+        for px, py in pts:  # mark each measurement
             d.ellipse((px - 3, py - 3, px + 3, py + 3), fill=color)
         d.line([(size[0] - 170, 62 + 18 * k), (size[0] - 145, 62 + 18 * k)], fill=color, width=3)
-        d.text((size[0] - 140, 62 + 18 * k), name, fill="black", font=font(13), anchor="lm")
+        d.text((size[0] - 140, 62 + 18 * k), name, fill="black", font=f, anchor="lm")
     return img
-
-
 
 
 if __name__ == "__main__":
