@@ -13,11 +13,12 @@ encoder's map of the same size through a skip connection. The pieces, one cell e
 3. Self-attention over the H*W pixels, softmax(Q K^T / sqrt(d)) V per head: every pixel sees every
    other, at a cost of (H*W)^2, so only at the coarse levels (8x8 for 32x32 images).
 4. Downsampling, a stride-2 3x3 conv; upsampling, nearest x2 then a 3x3 conv.
-5. The UNet; its output conv starts at zero, so the untrained net predicts eps = 0 (loss E[eps^2] = 1).
-Then a shape trace with every block's parameters, the receptive field (the gradient of one output
-pixel with respect to the input), and overfitting one fixed batch, the first test of any new network.
-`--bench` is the course's speed lesson: FLOPs, images/s and GFLOP/s of training and sampling, fp32
-against bf16 autocast, NCHW against channels_last.
+5. The UNet: level l works at H / 2^l with base_ch * ch_mult[l] channels, num_res_blocks blocks down and
+   one more up (it takes the skip saved after downsampling), attention at attn_levels and in the middle.
+   Its output conv starts at zero, so the untrained net predicts eps = 0 (loss E[eps^2] = 1).
+Then a shape trace with every block's parameters, the receptive field (the gradient of one output pixel
+with respect to the input), overfitting one fixed batch (the first test of any new network), and with
+`--bench` the course's speed lesson: FLOPs, images/s and GFLOP/s, fp32 vs bf16, NCHW vs channels_last.
 
     python 03_unet.py            # under a minute on a 2-core CPU; writes figures/03_*.png
     python 03_unet.py --quick    # seconds; writes runs/quick/03_*.png (the tests use it)
@@ -45,23 +46,23 @@ T = 1000  # diffusion timesteps
 BATCH = 8  # images in the fixed batch that the overfitting demo memorises
 BENCH_BATCH, BENCH_ITERS = 64, 5  # --bench: images per step, timed steps per row (median)
 
+
 # %% Sinusoidal timestep embedding
 def timestep_embedding(t, dim):
-    """t int64 [B] -> float [B, dim] in [-1, 1]: sin and cos of t at frequencies from 1 down to 1/10000, so
-    nearby t get nearby vectors and every t in [0, T-1] a distinct one."""
+    """t int64 [B] -> float [B, dim] in [-1, 1]: nearby t get nearby vectors, every t a distinct one."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]  # [B, half]
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # [B, dim]
 
+
 def group_norm(ch):
     return nn.GroupNorm(math.gcd(32, ch), ch)  # 32 groups where the channels allow
 
+
 # %% Residual block with time-conditioned scale and shift
 class ResBlock(nn.Module):
-    """(B, C_in, H, W) -> (B, C_out, H, W): skip(x) + conv(SiLU(GN(conv(SiLU(GN(x)))) * (1 + scale) + shift)),
-    then optional self-attention."""
-
+    """(B, C_in, H, W) -> (B, C_out, H, W): the block of item 2, then optional self-attention."""
     def __init__(self, c_in, c_out, emb_dim, dropout=0.0, attn_heads=0):
         super().__init__()
         self.norm1 = group_norm(c_in)
@@ -80,10 +81,10 @@ class ResBlock(nn.Module):
         h = self.conv2(self.dropout(F.silu(h)))
         return self.attn(self.skip(x) + h)
 
+
 # %% Self-attention over pixels
 class Attention(nn.Module):
     """Multi-head self-attention among the H*W positions of a feature map, with a residual."""
-
     def __init__(self, ch, heads=4):
         super().__init__()
         if ch % heads:
@@ -101,10 +102,10 @@ class Attention(nn.Module):
         h = h.transpose(2, 3).reshape(B, C, H, W)
         return x + self.proj(h)
 
+
 # %% Down- and upsampling
 class Downsample(nn.Module):
     """(B, C, H, W) -> (B, C, H/2, W/2) with a stride-2 3x3 conv (learned, unlike pooling)."""
-
     def __init__(self, ch):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
@@ -112,9 +113,9 @@ class Downsample(nn.Module):
     def forward(self, x):
         return self.conv(x)
 
+
 class Upsample(nn.Module):
     """(B, C, H, W) -> (B, C, 2H, 2W): nearest-neighbour, then a 3x3 conv (no checkerboard artefacts)."""
-
     def __init__(self, ch):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
@@ -122,16 +123,10 @@ class Upsample(nn.Module):
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
+
 # %% The UNet
 class UNet(nn.Module):
-    """eps_theta(x_t, t): (B, in_ch, H, W), int64 [B] -> (B, out_ch, H, W).
-
-    Levels l = 0..L-1 work at resolution H / 2^l with base_ch * ch_mult[l] channels; each has
-    num_res_blocks residual blocks on the way down and num_res_blocks + 1 on the way up (the extra
-    one takes the skip saved after downsampling). Levels listed in attn_levels add self-attention
-    after each residual block; the middle is a ResBlock with attention and a plain ResBlock.
-    """
-
+    """eps_theta(x_t, t): (B, in_ch, H, W), int64 [B] -> (B, out_ch, H, W), with the levels of item 5."""
     def __init__(self, in_ch=3, out_ch=None, base_ch=32, ch_mult=(1, 2, 2), num_res_blocks=2,
                  attn_levels=(2,), dropout=0.0, heads=4):
         super().__init__()
@@ -188,10 +183,10 @@ class UNet(nn.Module):
                 h = block(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
+
 # %% Looking inside: a shape trace and the parameters of every block
 def shape_trace(model, x, t):
-    """One forward with a hook on every top-level block (named as in the state_dict), in the order forward
-    runs them. Returns rows (name, kind, input shape, output shape, parameters)."""
+    """Rows (name as in the state_dict, kind, input shape, output shape, parameters), one per top-level block."""
     rows, handles = [], []
     for name, part in model.named_children():
         for i, b in enumerate(part) if isinstance(part, nn.ModuleList) else [(None, part)]:
@@ -204,6 +199,7 @@ def shape_trace(model, x, t):
     for h in handles:
         h.remove()
     return rows
+
 
 # %% Receptive field: which input pixels can change one output pixel
 def receptive_fields(model, x, t):
@@ -222,6 +218,7 @@ def receptive_fields(model, x, t):
         (g,) = torch.autograd.grad(a[0, :, a.shape[2] // 2, a.shape[3] // 2].sum(), x, retain_graph=True)
         fields.append((name, a.shape[2], g[0].abs().sum(0)))
     return fields
+
 
 # %% Can it learn? Overfit one fixed batch
 def overfit(model, x0, x_t, eps, t, alpha_bar, steps, lr, generator):
@@ -243,10 +240,10 @@ def overfit(model, x0, x_t, eps, t, alpha_bar, steps, lr, generator):
             losses.append(loss.item())
     return losses, fresh
 
-# %% Speed: FLOPs, images per second and GFLOP/s, fp32 against bf16 autocast
+
+# %% Speed: FLOPs, images per second and GFLOP/s, fp32 against bf16 autocast, NCHW against channels_last
 def bench(device, iters, batch, size=32):
-    """Training (forward, backward, AdamW: 3x the forward FLOPs) and sampling (forward only) throughput of
-    UNet(), fp32 and bf16 autocast, NCHW and channels_last; medians of `iters` steps after 2 warm-ups."""
+    """Training (forward, backward, AdamW: 3x the forward FLOPs) and sampling (forward) speed of UNet()."""
     torch.manual_seed(0)
     model = UNet().to(device)
     x, t = torch.randn(batch, 3, size, size, device=device), torch.randint(0, T, (batch,), device=device)
@@ -260,29 +257,29 @@ def bench(device, iters, batch, size=32):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)  # foreach: one op for all tensors
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # time the GPU's work, not launches
     rate = {}
-    for amp in (False, True):
-        for layout in ("NCHW", "channels_last"):
-            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-            model, xl = model.to(memory_format=fmt), x.contiguous(memory_format=fmt)
-            for train in (True, False):
-                times = []
-                for _ in range(iters + 2):
-                    sync()
-                    tic = time.perf_counter()
-                    with torch.autocast(device.type, torch.bfloat16, enabled=amp), torch.set_grad_enabled(train):
-                        loss = F.mse_loss(model(xl, t).float(), xl)
-                    if train:
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
-                    sync()
-                    times.append(time.perf_counter() - tic)
-                rate[amp, layout, train] = batch / statistics.median(times[2:])
-            r, s = rate[amp, layout, True], rate[amp, layout, False]
-            print(f"{'bf16' if amp else 'fp32':>9} {layout:>13} {r:11.1f} {3 * flops * r / 1e9:7.0f} "
-                  f"{s:12.1f} {flops * s / 1e9:7.0f}")
+    for amp, layout in [(amp, layout) for amp in (False, True) for layout in ("NCHW", "channels_last")]:
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        model, xl = model.to(memory_format=fmt), x.contiguous(memory_format=fmt)
+        for train in (True, False):
+            times = []
+            for _ in range(iters + 2):
+                sync()
+                tic = time.perf_counter()
+                with torch.autocast(device.type, torch.bfloat16, enabled=amp), torch.set_grad_enabled(train):
+                    loss = F.mse_loss(model(xl, t).float(), xl)
+                if train:
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                sync()
+                times.append(time.perf_counter() - tic)
+            rate[amp, layout, train] = batch / statistics.median(times[2:])  # after 2 warm-up steps
+        r, s = rate[amp, layout, True], rate[amp, layout, False]
+        print(f"{'bf16' if amp else 'fp32':>9} {layout:>13} {r:11.1f} {3 * flops * r / 1e9:7.0f} "
+              f"{s:12.1f} {flops * s / 1e9:7.0f}")
     print("training with bf16 autocast runs at " + " and ".join(
         f"{rate[True, n, True] / rate[False, n, True]:.2f}x fp32's speed in {n}" for n in ("NCHW", "channels_last")))
+
 
 # %% The experiments: one function per figure or table
 def time_embedding_figure(path):
@@ -291,17 +288,11 @@ def time_embedding_figure(path):
     cos = F.normalize(emb, dim=1) @ F.normalize(emb, dim=1).T  # [T, T]
     print(f"1. timestep_embedding(t, 32): {tuple(emb.shape)}, values in [{emb.min():.2f}, {emb.max():.2f}]; cosine "
           f"similarity of t=500 with 501: {cos[500, 501]:.3f}, 520: {cos[500, 520]:.3f}, 900: {cos[500, 900]:.3f}")
-    panels = []
-    for v, size, xlabel, ylabel, title in [
-            (emb.T, (680, 400), "timestep t", "dimension",
-             "emb(t): sin in dims 0-15, cos in 16-31; frequency falls with the dimension"),
-            (cos, (400, 400), "t", "t'", "cosine similarity of emb(t) and emb(t')")]:
-        img, _, to_px = axes((0, T), (0, v.shape[0]), title, xlabel, ylabel, size=size)
-        (x0, y1), (x1, y0) = to_px(0, 0), to_px(T, v.shape[0])  # row 0 of v at the bottom of the box
-        img.paste(colorize(v.flip(0).numpy(), -1, 1, DIVERGING).resize((int(x1 - x0) - 1, int(y1 - y0) - 1)),
-                  (int(x0) + 1, int(y0) + 1))
-        panels.append(img)
-    save_row(path, panels + [colour_key(DIVERGING, "-1", "+1", "colour scale (both panels)", 400)])
+    title = "emb(t): sin in dims 0-15, cos in 16-31; frequency falls with the dimension"
+    panels = [heatmap(emb.T, -1, 1, DIVERGING, title, "timestep t", "dimension", (680, 400))[0],
+              heatmap(cos, -1, 1, DIVERGING, "cosine similarity of emb(t) and emb(t')", "t", "t'", (400, 400))[0]]
+    save_row(path, panels, "colour: -1 blue, 0 white, +1 red")
+
 
 def show_pieces():
     """2 to 4. A residual block, attention, down- and upsampling, each on a small random input."""
@@ -315,36 +306,34 @@ def show_pieces():
           f"4. Downsample: {tuple(a.shape)} -> {tuple(Downsample(64)(a).shape)}, "
           f"Upsample: {tuple(a.shape)} -> {tuple(Upsample(64)(a).shape)}")
 
+
 def trace_table(model, x0, t):
     """5. The shape trace and parameters of every block, and the output at initialisation."""
-    S = x0.shape[-1]
-    print(f"\n5. UNet() shape trace for one {S}x{S} image:\n{'block':>9} {'kind':>18} {'input':>17} "
-          f"{'output':>17} {'parameters':>10}")
-    for name, kind, shape_in, shape_out, n in shape_trace(model, x0[:1], t[:1]):
-        print(f"{name:>9} {kind:>18} {str(shape_in):>17} {str(shape_out):>17} {n:10,d}")
+    print(f"\n5. UNet() shape trace for one {x0.shape[-1]}x{x0.shape[-1]} image:\n"
+          f"{'block':>9} {'kind':>18} {'input':>17} {'output':>17} {'parameters':>10}")
+    for row in shape_trace(model, x0[:1], t[:1]):
+        print("{:>9} {:>18} {!s:>17} {!s:>17} {:10,d}".format(*row))
     print(f"total parameters: {sum(p.numel() for p in model.parameters())}\noutput at initialisation: "
           f"max |eps_theta| = {model(x0, t).abs().max().item():.1f} (the output conv starts at zero)")
+
 
 def receptive_field_figure(path, S, t, device):
     """6. Receptive fields, on a fresh net whose output conv is random (a zero conv passes no gradient back)."""
     probe = UNet().to(device)
     probe.conv_out.reset_parameters()
-    fields, px = receptive_fields(probe, torch.randn(1, 3, S, S, device=device), t), max(1, 192 // S)
     print("\n6. receptive field of the centre pixel: input pixels where |gradient| > 1% of its maximum")
     panels = []
-    for name, res, g in fields:
-        g, c, f = g / g.max(), (res // 2) * (S // res) * px, (S // res) * px  # the probed pixel: c to c + f
-        img = Image.new("RGB", (S * px + 30, S * px + 60), "white")
-        d = ImageDraw.Draw(img)
-        img.paste(colorize(g.clamp(min=1e-4).log10().cpu().numpy(), -4, 0, HOT).resize((S * px,) * 2), (15, 30))
-        d.rectangle([15 + c, 30 + c, 15 + c + f - 1, 30 + c + f - 1], outline=(0, 200, 255))
+    for name, res, g in receptive_fields(probe, torch.randn(1, 3, S, S, device=device), t):
+        g, c, f = (g / g.max()).cpu(), (res // 2) * (S // res), S // res  # the probed pixel: c to c + f
         share = f"{int((g > 0.01).sum())} of {S * S} pixels > 1%"
-        d.text((img.width / 2, 24), f"{name} ({res}x{res})", fill="black", font=font(13), anchor="md")
-        d.text((img.width / 2, 36 + S * px), share, fill="black", font=font(13), anchor="ma")
         print(f"  {name:>16} ({res}x{res}): {share}")
+        img, d, to_px = heatmap(g.clamp(min=1e-4).log10().flip(0), -4, 0, HOT, f"{name} ({res}x{res})", share, "",
+                                (282, 292))
+        d.rectangle([to_px(c, S - c), to_px(c + f, S - c - f)], outline=(0, 200, 255))
         panels.append(img)
-    save_row(path, panels + [colour_key(HOT, "1e-4", "1", "|gradient| / its maximum (log scale)", S * px + 60)],
-             "receptive field: |d output[centre] / d input| for the UNet cut at each depth (cyan: the probed pixel)")
+    save_row(path, panels, "receptive field: |d output[centre] / d input| for the UNet cut at each depth; colour: "
+             "log10 of |gradient| / its maximum, -4 black to 0 white; cyan: the probed pixel")
+
 
 def overfit_figure(path, model, x0, t, steps, lr, seed):
     """7. Overfit one fixed batch of shapes at a few noise levels: the loss curve and x_0 predicted before/after."""
@@ -360,8 +349,7 @@ def overfit_figure(path, model, x0, t, steps, lr, seed):
         after = (x_t - (1 - ab).sqrt() * model(x_t, t)) / ab.sqrt()
     print(f"\n7. overfitting {len(x0)} images at t = {t.tolist()}: loss {losses[0]:.3f} -> {losses[-1]:.4f} "
           f"in {steps} steps; same images, fresh noise: {fresh[0][1]:.3f} -> {fresh[-1][1]:.3f}")
-    plot = line_plot([("fixed batch", list(range(len(losses))), losses),
-                      ("fresh noise", [s for s, _ in fresh], [v for _, v in fresh])],
+    plot = line_plot([("fixed batch", range(len(losses)), losses), ("fresh noise", *zip(*fresh))],
                      "eps-prediction loss (MSE)", "training step", "loss", logy=True,
                      ylim=(10 ** math.floor(math.log10(min(losses))), 10), size=(560, 440))
     pictures = grid(to_uint8(torch.cat([x0, x_t, before, after])).cpu(), len(x0),
@@ -369,6 +357,7 @@ def overfit_figure(path, model, x0, t, steps, lr, seed):
                     row_labels=["clean x_0", "noisy x_t", "predicted, step 0", f"predicted, step {steps}"],
                     col_labels=[f"t={v}" for v in t.tolist()])
     save_row(path, [plot, pictures])
+
 
 # %% Main: each piece shown working, then the whole net: trace, receptive field, overfitting
 def main(argv=None):
@@ -397,6 +386,7 @@ def main(argv=None):
     overfit_figure(os.path.join(args.out, FIGURES[2]), model, x0, t, args.steps, args.lr, args.seed)
     print(f"\nwrote {', '.join(FIGURES)} to {args.out}/ in {time.time() - start:.1f}s")
 
+
 def parse_args(argv=None):
     if argv is None and "ipykernel" in sys.modules:  # in Jupyter, sys.argv holds the kernel's own flags
         argv = []
@@ -422,21 +412,23 @@ def parse_args(argv=None):
     args.out = args.out or (os.path.join("runs", "quick") if args.quick else "figures")  # never over figures/
     return args
 
+
 # %% Appendix: pieces from earlier lessons
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a user's mistake in one line and exits with status 2 (every lesson)."""
-
+    """argparse that reports a user's mistake in one line and exits with status 2 (the course's CLI)."""
     def error(self, message):
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
+
 def fail(message):
-    """One line naming the fix, exit status 2, no traceback (every lesson)."""
+    """One line naming the fix, exit status 2, no traceback (the course's CLI)."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
+
 def pick_device(name):
-    """auto: cuda, then mps, then cpu; a device that is not there exits 2 (every lesson)."""
+    """auto: cuda, then mps, then cpu; a device that is not there exits 2 (the course's CLI)."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
@@ -444,18 +436,22 @@ def pick_device(name):
         fail(f"--device {name} was asked for but {name.upper()} is not available; use --device cpu (or auto)")
     return torch.device(name)
 
+
 def linear_betas(T):
     """DDPM's schedule: beta_t linear from 1e-4 to 0.02, float64 [T] (lesson 01)."""
     return torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+
 
 def alpha_bar_of(betas):
     """alpha_bar_t = prod_{s<=t} (1 - beta_s) (lesson 01)."""
     return torch.cumprod(1 - betas, dim=0)
 
+
 def q_sample(x0, t, alpha_bar, noise):
     """x_t = sqrt(alpha_bar[t]) x0 + sqrt(1 - alpha_bar[t]) noise, for int64 t [B] (lesson 01)."""
     ab = alpha_bar.to(x0.device)[t].to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))  # [B, 1, 1, 1]
     return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240),
@@ -463,6 +459,7 @@ COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240),
 SIZES = {"small": 0.20, "medium": 0.28, "large": 0.36}  # radius as a fraction of the image side
 POSITIONS = ("top left", "top", "top right", "left", "centre", "right",
              "bottom left", "bottom", "bottom right")
+
 
 def shape_polygon(kind, cx, cy, r, angle):
     """Vertices of a square, triangle, star or cross centred at (cx, cy), circumradius r, rotated (lesson 01)."""
@@ -476,6 +473,7 @@ def shape_polygon(kind, cx, cy, r, angle):
     k = len(radii)
     return [(cx + rad * math.cos(angle + 2 * math.pi * i / k), cy + rad * math.sin(angle + 2 * math.pi * i / k))
             for i, rad in enumerate(radii)]
+
 
 def make_shapes(n, size=32, seed=0):
     """(uint8 images [n, 3, size, size], labels int64 [n], captions): one anti-aliased shape each (lesson 01)."""
@@ -502,39 +500,26 @@ def make_shapes(n, size=32, seed=0):
     images = masks[:, None] * rgb[color_i][:, :, None, None]  # [n, 1, H, W] * [n, 3, 1, 1] -> [n, 3, H, W]
     return torch.from_numpy(np.rint(images).astype(np.uint8)), torch.from_numpy(shape_i.astype(np.int64)), captions
 
+
 def to_unit(images):
     """uint8 [0, 255] -> float [-1, 1], the range diffusion models are trained in (lesson 01)."""
     return images.float() / 127.5 - 1
+
 
 def to_uint8(x):
     """float [-1, 1] -> uint8 [0, 255], values outside clipped (lesson 01)."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
-def colorize(v, lo, hi, stops):
-    """float array [H, W] -> PIL RGB image: [lo, hi] mapped linearly through the colour stops (this lesson's)."""
-    u = np.clip((np.asarray(v, dtype=np.float64) - lo) / (hi - lo), 0, 1) * (len(stops) - 1)
-    i, s = np.minimum(u.astype(int), len(stops) - 2), np.asarray(stops, dtype=np.float64)
-    return Image.fromarray((s[i] + (u - i)[..., None] * (s[i + 1] - s[i])).round().astype(np.uint8))
 
-DIVERGING = [(59, 76, 192), (245, 245, 245), (180, 4, 38)]  # blue, white, red
+# The course's drawing kit (PIL: matplotlib is not a dependency), and heatmap, this lesson's addition to it
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207)]
+DIVERGING = [(59, 76, 192), (245, 245, 245), (180, 4, 38)]  # heatmap colour stops: blue, white, red
 HOT = [(0, 0, 0), (120, 20, 90), (230, 80, 30), (250, 200, 50), (255, 255, 230)]  # black to white
 
-def colour_key(stops, lo, hi, label, height):
-    """A PIL image: the colour map as a strip labelled lo at its left end and hi at its right (this lesson's)."""
-    img = Image.new("RGB", (300, height), "white")
-    d, y = ImageDraw.Draw(img), height // 2
-    img.paste(colorize(np.linspace(0, 1, 200)[None].repeat(12, 0), 0, 1, stops), (50, y))
-    d.text((44, y + 6), lo, fill="black", font=font(13), anchor="rm")
-    d.text((256, y + 6), hi, fill="black", font=font(13), anchor="lm")
-    d.text((150, y - 4), label, fill="black", font=font(13), anchor="md")
-    return img
-
-
-# Drawing kit (the same in every lesson)
-PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207)]
 
 def font(px):
     return ImageFont.load_default(size=px)
+
 
 def grid(x_uint8, nrow, title, row_labels=(), col_labels=(), scale=3):
     """uint8 [N, C, H, W] -> a titled PIL image of the grid, upscaled (nearest) so pixels stay crisp."""
@@ -553,6 +538,7 @@ def grid(x_uint8, nrow, title, row_labels=(), col_labels=(), scale=3):
         d.text((left - 6, top + (i + 0.5) * img.height / len(row_labels)), s, fill="black", font=f, anchor="rm")
     return canvas
 
+
 def ticks(lo, hi, log=False):
     """Round tick values in [lo, hi]: powers of ten on a log axis, else 1, 2 or 5 times a power of ten apart."""
     if log:
@@ -561,6 +547,7 @@ def ticks(lo, hi, log=False):
     mag = 10 ** math.floor(math.log10(raw))
     step = min(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
     return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step + 1e-9) + 1)]
+
 
 def axes(xlim, ylim, title, xlabel, ylabel, logx=False, logy=False, size=(480, 360)):
     """A blank plot with ticks, grid, labels and title: returns (image, draw, to_px: data -> pixel)."""
@@ -588,6 +575,7 @@ def axes(xlim, ylim, title, xlabel, ylabel, logx=False, logy=False, size=(480, 3
     d.text((size[0] / 2, 8), title, fill="black", font=font(15), anchor="ma")
     return img, d, to_px
 
+
 def line_plot(series, title, xlabel, ylabel, logx=False, logy=False, ylim=None, size=(480, 360)):
     """series: [(label, xs, ys)] -> a PIL image of the lines with a legend in the top-right corner."""
     xs = [x for _, xs_, _ in series for x in xs_]
@@ -605,6 +593,7 @@ def line_plot(series, title, xlabel, ylabel, logx=False, logy=False, ylim=None, 
         d.text((size[0] - 140, 62 + 18 * k), name, fill="black", font=font(13), anchor="lm")
     return img
 
+
 def save_row(path, images, title=""):
     """Paste PIL images side by side under an optional title and save the PNG."""
     top = 30 if title else 0
@@ -613,6 +602,19 @@ def save_row(path, images, title=""):
         canvas.paste(im, (sum(i.width for i in images[:k]), top))
     ImageDraw.Draw(canvas).text((canvas.width // 2, 6), title, fill="black", font=font(16), anchor="ma")
     canvas.save(path)
+
+
+def heatmap(v, lo, hi, stops, title, xlabel, ylabel, size):
+    """axes() filled with the array v [H, W], row 0 at the bottom, [lo, hi] mapped linearly through the colour
+    stops: returns (image, draw, to_px) like axes."""
+    img, d, to_px = axes((0, v.shape[1]), (0, v.shape[0]), title, xlabel, ylabel, size=size)
+    (x0, y1), (x1, y0) = to_px(0, 0), to_px(v.shape[1], v.shape[0])
+    u = np.clip((np.asarray(v, dtype=np.float64)[::-1] - lo) / (hi - lo), 0, 1) * (len(stops) - 1)
+    i, s = np.minimum(u.astype(int), len(stops) - 2), np.asarray(stops, dtype=np.float64)
+    rgb = (s[i] + (u - i)[..., None] * (s[i + 1] - s[i])).round().astype(np.uint8)  # [H, W, 3]
+    img.paste(Image.fromarray(rgb).resize((int(x1 - x0) - 1, int(y1 - y0) - 1)), (int(x0) + 1, int(y0) + 1))
+    return img, d, to_px
+
 
 if __name__ == "__main__":
     main()
