@@ -1,38 +1,33 @@
 """Lesson 07: latent diffusion, guidance in latent space, editing, and fine-tuning with LoRA.
 
 The ideas behind Stable Diffusion (Rombach et al. 2022), at a scale that trains on a laptop CPU.
-1. An autoencoder compresses images: a small convolutional VAE maps x (3 x 32 x 32) to a latent z
-   (4 x 8 x 8 with --factor 4: 12x fewer numbers) and back. Its encoder gives a Gaussian posterior
-   q(z | x) = N(mu, sigma^2); the loss is reconstruction plus a small KL term (Kingma & Welling 2014):
+1. An autoencoder: a small convolutional VAE maps x (3 x 32 x 32) to a latent z (4 x 8 x 8 with --factor 4:
+   12x fewer numbers) and back. Its encoder gives q(z | x) = N(mu, sigma^2); the loss is reconstruction plus
+   a small KL term (Kingma & Welling 2014) that keeps the latent space smooth without blurring:
        L = mean (x - D(z))^2 + KL_WEIGHT * mean KL,  z = mu + sigma * eps,
        KL(N(mu, sigma^2) || N(0, 1)) = 0.5 (mu^2 + sigma^2 - 1 - log sigma^2)   (0 when mu = 0, sigma = 1)
-   The KL weight is small: it keeps the latent space smooth without blurring the reconstructions. Part
-   of the VAE's images get random colours (--colour-jitter), so that it can encode colours the diffusion
-   model never sees: fine-tuning (5) cannot teach what the autoencoder cannot represent.
-2. The latent scale factor: diffusion assumes data of about unit variance, and the KL term does not fix
-   the latents' scale, so they are multiplied by scale = 1 / std(mu) over the training set (Stable
-   Diffusion's 0.18215 is this number for its VAE).
+   Part of its images get random colours (--colour-jitter): fine-tuning (5) cannot teach a colour that the
+   autoencoder cannot represent.
+2. The latent scale factor: diffusion assumes data of unit variance, which the KL term does not give, so
+   latents are multiplied by scale = 1 / std(mu) over the training set (SD's 0.18215).
 3. Diffusion in latent space: lesson 06's class-conditional UNet with classifier-free guidance,
        eps_guided = eps(z_t, t, null) + s * (eps(z_t, t, y) - eps(z_t, t, null)),
-   trained with lesson 04's objective (v, min-SNR-5, cosine schedule) on the scaled latents; DDIM gives
-   z_0 and the decoder x = D(z_0 / scale). It is measured against the same UNet trained on pixels for the
-   same time: images per second, lesson 04's Frechet distance, and the class accuracy of guided samples.
+   trained with lesson 04's objective (v, min-SNR-5, cosine schedule) on the scaled latents; DDIM gives z_0
+   and the decoder x = D(z_0 / scale). Measured against the same UNet trained on pixels for the same time:
+   images per second, lesson 04's Frechet distance, and the class accuracy of guided samples.
 4. Editing. SDEdit (Meng et al. 2022): noise an image's latent to t, denoise it under another label.
    Inpainting: after every DDIM step the known part is the known latent noised to that step,
        z_s <- m * (sqrt(ab_s) z_known + sqrt(1 - ab_s) eps) + (1 - m) * z_s   (the last step keeps it exactly)
-5. LoRA (Hu et al. 2022): freeze the UNet and learn low-rank updates of its attention projections,
-   convolutions and embedding layers: W' = W + (alpha / r) B A, A: r x in (random), B: out x r (zeros, so
-   W' = W at the start). A k x k conv gets a k x k conv to r channels (A) and a 1 x 1 conv back (B); their
-   product is a k x k conv, so the update merges into the weight exactly. It teaches the model a colour it
-   never saw (orange); the adapter is saved as its own small file, then merged.
+5. LoRA (Hu et al. 2022): freeze the UNet, learn low-rank updates of its attention projections, convolutions
+   and embedding layers: W' = W + (alpha / r) B A, A: r x in (random), B: out x r (zeros: W' = W at the
+   start). It teaches the model a colour it never saw (orange); the adapter is saved alone, then merged.
 
     python 07_latent.py                  # under 20 min on a 2-core CPU
     python 07_latent.py --quick          # seconds: a smoke test (figures in runs/quick/, models in runs/quick/07/)
     python 07_latent.py --factor 8       # 4 x 4 x 4 latents (or --factor 2: 16 x 16 x 4)
     python 07_latent.py --fixed-steps 300,1500   # step budgets instead of --seconds: the same numbers every run
 
-It writes runs/07/{vae,pixel,latent}.pt, the adapter runs/07/lora.pt, and figures/07_recon.png,
-07_latent_vs_pixel.png, 07_samples.png, 07_sdedit.png, 07_inpaint.png and 07_lora.png.
+It writes runs/07/{vae,pixel,latent,lora}.pt and figures/07_{recon,samples,sdedit,inpaint,lora}.png.
 """
 
 # %% Setup: imports and the lesson's settings
@@ -122,12 +117,6 @@ def latent_scale(z):
     return 1.0 / z.float().std().item()
 
 
-def psnr(a, b):
-    """Peak signal-to-noise ratio in dB for images in [-1, 1] (peak-to-peak 2), per image [N]."""
-    mse = (a.clamp(-1, 1) - b.clamp(-1, 1)).square().flatten(1).mean(1)
-    return 10 * torch.log10(4 / mse.clamp(min=1e-10))
-
-
 def train_vae(vae, images, args, device, autocast, gen):
     """Adam on reconstruction + KL_WEIGHT * KL, with a cosine-decayed learning rate."""
     opt = torch.optim.Adam(vae.parameters(), VAE_LR)
@@ -135,8 +124,7 @@ def train_vae(vae, images, args, device, autocast, gen):
         for group in opt.param_groups:
             group["lr"] = VAE_LR * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps))
         x = to_unit(images[torch.randint(len(images), (args.batch,), generator=gen)])
-        # colour jitter on part of the batch: random per-channel gains, so the autoencoder learns colours
-        # in general, not only the dataset's six (as SD's VAE is trained on broader data than any fine-tune)
+        # random channel gains on part of the batch: the VAE learns colours beyond the data's six (as SD's VAE)
         gain = torch.rand(len(x), 3, 1, 1, generator=gen) * 1.1
         jitter = (torch.rand(len(x), 1, 1, 1, generator=gen) < args.colour_jitter).float()
         x = (jitter * ((x + 1) * gain - 1).clamp(-1, 1) + (1 - jitter) * x).to(device)
@@ -161,67 +149,13 @@ def encode_all(vae, images, device, batch=500):
         mu, logvar = vae.encode(to_unit(images[i:i + batch]).to(device))
         mus.append(mu.float().cpu())
         sig += (0.5 * logvar.float()).exp().sum().item()
-    mu = torch.cat(mus)
-    return mu, sig / mu.numel()
+    return torch.cat(mus), sig / sum(m.numel() for m in mus)
 
 
-# %% 2. A class-conditional denoiser on latents (or pixels), trained for a budget of seconds or steps
-def diffusion_loss(model, data, labels, alpha_bar, batch, gen, autocast):
-    """Lesson 04's loss (v target, min-SNR-5 weights) on a random batch, with labels dropped to the null
-    label (model.num_classes) with probability P_UNCOND: one model learns eps(z_t, t, y) and eps(z_t, t, null)."""
-    device = alpha_bar.device
-    idx = torch.randint(len(data), (batch,), generator=gen)
-    x0, y = data[idx].to(device), labels[idx].to(device)
-    y = torch.where(torch.rand(batch, generator=gen).to(device) < P_UNCOND, model.num_classes, y)
-    t = torch.randint(len(alpha_bar), (batch,), generator=gen).to(device)
-    eps = torch.randn(x0.shape, generator=gen).to(device)
-    ab = alpha_bar[t].float().view(-1, 1, 1, 1)
-    with autocast():
-        out = model(q_sample(x0, t, alpha_bar, eps), t, y)
-    per_sample = (out.float() - target_of("v", x0, eps, ab)).square().mean((1, 2, 3))
-    return (loss_weight("min-snr", "v", ab.view(-1)) * per_sample).mean()
-
-
-def train_diffusion(model, data, labels, alpha_bar, args, autocast, gen, budget, marks, name):
-    """Lesson 04's training loop (warmup, clipping at 1, EMA) for budget = ("seconds", s) or ("steps", n),
-    keeping an EMA copy whenever the budget passes one of `marks`. Returns ([(seconds, step, EMA state)], img/s)."""
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    (kind, total), marks, snaps, step, busy = budget, sorted(marks), [], 0, 0.0
-    while True:
-        used = busy if kind == "seconds" else step
-        while marks and used >= marks[0]:
-            marks.pop(0)
-            if not snaps or snaps[-1][1] != step:  # one slow step can pass several marks: keep one copy
-                snaps.append((busy, step, copy.deepcopy(ema.state_dict())))
-        if used >= total:
-            break
-        tic = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = LR * min(1.0, (step + 1) / max(1, args.warmup))  # linear warmup
-        loss = diffusion_loss(model, data, labels, alpha_bar, args.batch, gen, autocast)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():  # ema = decay * ema + (1 - decay) * w, the decay warming up to EMA_DECAY
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - min(EMA_DECAY, (1 + step) / (10 + step)))
-        if alpha_bar.device.type == "cuda":
-            torch.cuda.synchronize()
-        busy, step = busy + time.perf_counter() - tic, step + 1
-        if step % 20 == 0:
-            print(f"\r  {name}: step {step}  {busy:.0f} s  loss {loss.item():.4f}  {step * args.batch / busy:.0f} "
-                  "img/s ", end="", flush=True)
-    print()
-    return snaps, step * args.batch / max(busy, 1e-9)
-
-
-# %% 3. Sampling: guided DDIM, decoded
+# %% 2. Sampling in latent space: guided DDIM, then the decoder
 @torch.no_grad()
 def generate(model, y, x_T, alpha_bar, args, autocast, vae=None, steps=None, t_start=None, batch=250):
-    """Guided DDIM from x_T (at t_start, for SDEdit) for labels y: images in [-1, 1], latents decoded as
-    x = D(z_0 / scale) when vae is given, and the images per second, decoding included."""
+    """Guided DDIM from x_T (at t_start: SDEdit) for labels y, decoded x = D(z_0 / scale) if vae -> (x, img/s)."""
     tic, out, device = time.perf_counter(), [], alpha_bar.device
     for i in range(0, len(y), batch):
         yb = y[i:i + batch].to(device)
@@ -231,7 +165,7 @@ def generate(model, y, x_T, alpha_bar, args, autocast, vae=None, steps=None, t_s
     return torch.cat(out), len(y) / (time.perf_counter() - tic)
 
 
-# %% 4. LoRA: low-rank adapters on a frozen model, and a colour to teach
+# %% 3. LoRA: low-rank adapters on a frozen model, and a colour to teach
 class LoRA(nn.Module):
     """base(x) + (alpha / r) B(A(x)) with base frozen. Linear: A in -> r, B r -> out. Conv2d: A is a
     k x k conv (same stride, padding) to r channels, B a 1 x 1 conv back; B starts at zero."""
@@ -253,11 +187,9 @@ class LoRA(nn.Module):
         return self.base(x) + self.scale * self.B(self.A(x))
 
     def merged(self):
-        """A plain layer with W + (alpha / r) B A: Linear [out, r] @ [r, in]; conv: for each tap of
-        the k x k kernel, [out, r] @ [r, in] (the 1 x 1 conv after the k x k one)."""
+        """A plain layer with W + (alpha / r) B A: [out, r] @ [r, in], for each tap of a k x k kernel."""
         layer = copy.deepcopy(self.base)
-        delta = torch.einsum("or,ri...->oi...", self.B.weight.flatten(1), self.A.weight)
-        layer.weight.data += self.scale * delta
+        layer.weight.data += self.scale * torch.einsum("or,ri...->oi...", self.B.weight.flatten(1), self.A.weight)
         return layer.requires_grad_(False)
 
 
@@ -299,118 +231,78 @@ def train_lora(model, data, labels, alpha_bar, args, autocast, gen):
 
 
 def recolour(images, captions, rgb):
-    """The same shapes in another colour: a shapes image is mask * colour, so mask = max channel /
-    the colour's max channel (the colour is the caption's third word). uint8 [N, 3, S, S] -> same."""
+    """The same shapes in colour rgb: an image is mask * colour, mask = max channel / the colour's (caption's)."""
     peak = torch.tensor([max(COLORS[c.split()[2]]) for c in captions], dtype=torch.float32).view(-1, 1, 1, 1)
     mask = images.float().amax(1, keepdim=True) / peak  # [N, 1, S, S] in [0, 1]
     return (mask * torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1)).round().clamp(0, 255).to(torch.uint8)
 
 
-def nearest_colour(x_uint8):
-    """Index into list(COLORS) + ["orange"] of the nearest colour to an image's foreground: the mean
-    chromaticity (rgb / max channel) of its pixels brighter than half its brightest. [N] int64."""
-    x = x_uint8.float()
-    bright = x.amax(1)  # [N, S, S]
-    fg = (bright > 0.5 * bright.amax((1, 2), keepdim=True)).float().unsqueeze(1)  # [N, 1, S, S]
-    chroma = ((x / bright.clamp(min=1).unsqueeze(1)) * fg).sum((2, 3)) / fg.sum((2, 3)).clamp(min=1)  # [N, 3]
-    palette = torch.tensor([*COLORS.values(), ORANGE], dtype=torch.float32)
-    return torch.cdist(chroma, palette / palette.amax(1, keepdim=True)).argmin(1)
-
-
 # %% Experiments: one function per figure or table
-def judge(images, labels, held, train, args, device, gen):
-    """Lesson 04's metric: a classifier of the training images, held-out features, the FD floor and ceiling."""
-    n = min(args.eval_samples, len(held) // 2)
-    clf = train_classifier(images[train], labels[train], len(SHAPES), device, args.clf_steps, args.seed)
-    f_real, c_real = features_and_classes(clf, to_unit(images[held[:n]]), device)
-    f_real2, _ = features_and_classes(clf, to_unit(images[held[n:2 * n]]), device)
-    f_noise, _ = features_and_classes(clf, torch.randn(n, 3, 32, 32, generator=gen).clamp(-1, 1), device)
-    floor = frechet_distance(f_real2, f_real)
-    print(f"classifier accuracy on held-out {(c_real == labels[held[:n]]).float().mean():.1%}; FD floor (real vs "
-          f"real) {floor:.2f}, ceiling (noise vs real) {frechet_distance(f_noise, f_real):.2f}")
-    return clf, f_real, floor
-
-
 def autoencoder(images, labels, held, train, clf, f_real, args, device, autocast, gen):
-    """Train the VAE, judge its reconstructions, set vae.scale; 07_recon.png. Returns (vae, the scaled training
-    latents, seconds spent on training the VAE and encoding)."""
+    """Train the VAE, judge it, set vae.scale; 07_recon.png. -> (vae, scaled training latents, seconds spent)."""
     tic, n, x, y = time.time(), 32 // args.factor, images[held[:len(f_real)]], labels[held[:len(f_real)]]
     vae = VAE(3, Z_CH, args.factor, VAE_CH).to(device)
-    print(f"1. VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params: 3x32x32 -> {Z_CH}x{n}x{n} "
-          f"({3 * 32 * 32 / (Z_CH * n * n):.0f}x fewer numbers), kl weight {KL_WEIGHT:g}")
+    print(f"1. VAE {n_params(vae) / 1e6:.2f}M params: 3x32x32 -> {Z_CH}x{n}x{n} ({3 * 32 * 32 / (Z_CH * n * n):.0f}x "
+          f"fewer numbers), kl weight {KL_WEIGHT:g}")
     vae = train_vae(vae, images[train], args, device, autocast, gen)
-    seconds, rec = time.time() - tic, vae.decode(encode_all(vae, x, device)[0].to(device)).float().cpu()
-    p, (f_rec, c_rec) = psnr(rec, to_unit(x)), features_and_classes(clf, rec, device)
+    seconds, mu = time.time() - tic, encode_all(vae, x, device)[0]
+    rec = vae.decode(mu.to(device)).float().cpu()
+    p, (acc, fd) = psnr(rec, to_unit(x)), score(clf, rec, y, f_real)
     print(f"   trained in {seconds:.0f} s; held-out PSNR {p.mean():.2f} dB (min {p.min():.2f}); on reconstructions "
-          f"class accuracy {(c_rec == y).float().mean():.1%}, FD {frechet_distance(f_rec, f_real):.2f}")
-    save_checkpoint(os.path.join(args.run_dir, "vae.pt"), {"format": FORMAT, "config": vars(args),
-                                                           "model": vae.state_dict(), "step": args.vae_steps})
+          f"class accuracy {acc:.1%}, FD {fd:.2f}")
+    save_checkpoint(os.path.join(args.run_dir, "vae.pt"), dict(format=FORMAT, config=vars(args),
+                                                               model=vae.state_dict(), step=args.vae_steps))
     tic = time.time()
     z_mu, sigma = encode_all(vae, images[train], device)  # the training set, encoded once
     vae.scale = latent_scale(z_mu)
     seconds += time.time() - tic
     print(f"   encoded {len(train)} images in {time.time() - tic:.1f} s: posterior means have std {1 / vae.scale:.4f} "
           f"(mean {z_mu.mean():.3f}), mean sigma {sigma:.4f}; scale factor {vae.scale:.4f}")
-    mu = encode_all(vae, x[:8], device)[0]
-    lat = F.interpolate((mu * vae.scale).clamp(-2.5, 2.5).flatten(0, 1)[:, None] / 2.5, size=32)  # grey: 0
-    rows = [to_uint8(to_unit(x[:8])), to_uint8(vae.decode(mu.to(device)).float().cpu())]
-    rows += [to_uint8(lat.view(8, Z_CH, 32, 32)[:, c:c + 1].expand(-1, 3, -1, -1)) for c in range(Z_CH)]
-    grid(torch.cat(rows), 8, f"VAE (f={args.factor}): held-out images, reconstructions ({p.mean():.1f} dB), latent "
-         "channels", ["original", "reconstruction"] + [f"z channel {c}" for c in range(Z_CH)]).save(
-        os.path.join(args.out, "07_recon.png"))
+    lat = F.interpolate((mu[:8] * vae.scale).clamp(-2.5, 2.5).flatten(0, 1)[:, None] / 2.5, size=32)  # grey: 0
+    channels = [to_uint8(lat.view(8, Z_CH, 32, 32)[:, c:c + 1].expand(-1, 3, -1, -1)) for c in range(Z_CH)]
+    save(args, "07_recon.png", torch.cat([x[:8], to_uint8(rec[:8])] + channels), 8, f"VAE (f={args.factor}): held-out "
+         f"images, reconstructions ({p.mean():.1f} dB), latent channels",
+         ["original", "reconstruction"] + [f"z channel {c}" for c in range(Z_CH)])
     return vae, z_mu * vae.scale, seconds
 
 
-def latent_vs_pixel(x_train, z_train, y_train, vae, clf, f_real, floor, overhead, alpha_bar, args, autocast, gen):
-    """The same UNet trained on pixels and on latents for the same budget, judged at EMA snapshots by the FD and
-    class accuracy of guided samples: the table, 07_latent_vs_pixel.png, 07_samples.png. Returns the latent UNet."""
+def latent_vs_pixel(x_train, z_train, y_train, vae, clf, f_real, overhead, alpha_bar, args, autocast, gen):
+    """The UNet on pixels and on latents, the same budget, judged at EMA snapshots: the table, 07_samples.png."""
     kind, (sp, sl) = ("steps", args.fixed_steps) if args.fixed_steps else ("seconds", (args.seconds,) * 2)
     e2e = sl - overhead if kind == "seconds" else 0  # the latent model is also judged at budget - VAE seconds
     print(f"2. both UNets: pixel for {sp:g} {kind}, latent for {sl:g}; each snapshot judged on {len(f_real)} guided "
           f"samples (s = {args.guidance:g}, DDIM {args.sample_steps} steps)")
-    y, curves, samples, rates, table = torch.arange(len(f_real)) % len(SHAPES), {}, {}, {}, []
+    y, final_fd, samples, rates, table = torch.arange(len(f_real)) % len(SHAPES), {}, {}, {}, []
     for name, data, total, marks in [("pixel", x_train, sp, [sp / 2, sp]),
                                      ("latent", z_train, sl, [sl / 4, sl / 2, sl] + [e2e] * (e2e > 0))]:
         torch.manual_seed(args.seed)
         net = UNet(data.shape[1], args.base_ch, CH_MULT, num_classes=len(SHAPES)).to(alpha_bar.device)
         snaps, rate = train_diffusion(net, data, y_train, alpha_bar, args, autocast, gen, (kind, total), marks, name)
-        latent, curves[name] = name == "latent", []
+        latent, curve = name == "latent", []
         for secs, step, state in snaps:
             net.load_state_dict(state)
             x_T = torch.randn(len(y), *data.shape[1:], generator=torch.Generator().manual_seed(args.seed + 7))
             samples[name], srate = generate(net.eval(), y, x_T, alpha_bar, args, autocast, vae if latent else None)
-            f, c = features_and_classes(clf, samples[name], alpha_bar.device)
-            curves[name].append((secs, step, frechet_distance(f, f_real), (c == y).float().mean().item()))
-            print(f"   {name:6} step {step:5d}  {secs:6.0f} s  FD {curves[name][-1][2]:7.2f}  class accuracy "
-                  f"{curves[name][-1][3]:6.1%}  sampling {srate:6.1f} img/s")
-        rates[name] = (rate, srate)
-        rows = [(name, curves[name][-1])]  # the table's rows: the last snapshot, and for the latent model the one
-        if latent and e2e > 0:  # at which UNet + VAE + encoding seconds make the pixel model's budget
-            rows.append(("latent, VAE counted", min(curves[name], key=lambda c: abs(c[0] - e2e))))
-        for label, (secs, step, fd, acc) in rows:
-            table.append(f"| {label} | {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M | {rate:.0f} | "
-                         f"{srate:.1f} | {step} | {secs:.0f} | {secs + overhead * latent:.0f} | {fd:.2f} | {acc:.1%} |")
-        save_checkpoint(os.path.join(args.run_dir, f"{name}.pt"), {"format": FORMAT, "config": vars(args), "model":
-                        net.state_dict(), "ema": state, "step": step, "scale": vae.scale if latent else 1.0})
+            acc, fd = score(clf, samples[name], y, f_real)
+            curve.append((secs, step, acc, fd))
+            print(f"   {name:6} step {step:5d}  {secs:6.0f} s  FD {fd:7.2f}  class accuracy {acc:6.1%}  sampling "
+                  f"{srate:6.1f} img/s")
+        final_fd[name], rates[name], rows = fd, (rate, srate), [(name, curve[-1])]
+        if latent and e2e > 0:  # and the snapshot at which UNet + VAE + encoding seconds make the pixel budget
+            rows.append(("latent, VAE counted", min(curve, key=lambda c: abs(c[0] - e2e))))
+        table += [f"| {label} | {n_params(net) / 1e6:.2f}M | {rate:.0f} | {srate:.1f} | {step} | {secs:.0f} | "
+                  f"{secs + overhead * latent:.0f} | {fd:.2f} | {acc:.1%} |" for label, (secs, step, acc, fd) in rows]
+        save_checkpoint(os.path.join(args.run_dir, f"{name}.pt"), dict(format=FORMAT, config=vars(args), ema=state,
+                        model=net.state_dict(), step=step, scale=vae.scale if latent else 1.0))
     print("\n| model | UNet params | train img/s | sample img/s | steps | UNet s | total s | FD | class acc |",
           "|---|---|---|---|---|---|---|---|---|", *table, sep="\n")
     (p_train, p_sample), (l_train, l_sample) = rates["pixel"], rates["latent"]
     print(f"VAE training + encoding {overhead:.0f} s; latent/pixel: training {l_train / p_train:.1f}x, sampling "
           f"{l_sample / p_sample:.1f}x the images/s")
-    series = [("pixel", "pixel", 0), ("latent (UNet time)", "latent", 0)] + \
-        [("latent (+ VAE time)", "latent", overhead)] * (kind == "seconds")
-    series = [(label, [c[0] + shift for c in curves[n]], [c[2] for c in curves[n]]) for label, n, shift in series]
-    xmax, fds = max(max(xs) for _, xs, _ in series), [fd for _, _, ys in series for fd in ys] + [floor]
-    line_plot(series + [(f"floor (real) {floor:.2f}", [0, xmax], [floor, floor])],
-              "Frechet distance of guided samples", "training seconds (wall clock)", "FD (log)", logy=True,
-              ylim=(min(fds) * 0.7, max(fds) * 4), size=(640, 400)).save(
-        os.path.join(args.out, "07_latent_vs_pixel.png"))
     order = torch.cat([torch.nonzero(y == c).flatten()[:8] for c in range(len(SHAPES))])  # 8 per label
     both = torch.cat([to_uint8(samples[n][order].view(len(SHAPES), -1, 3, 32, 32)) for n in ("pixel", "latent")], 1)
-    grid(both.flatten(0, 1), 2 * len(order) // len(SHAPES), f"guided samples (s={args.guidance:g}): pixel UNet, "
-         f"FD {curves['pixel'][-1][2]:.2f} (left) | latent UNet, FD {curves['latent'][-1][2]:.2f} (right)",
-         list(SHAPES)).save(
-        os.path.join(args.out, "07_samples.png"))
+    save(args, "07_samples.png", both.flatten(0, 1), 16, f"guided samples (s={args.guidance:g}): pixel UNet, FD "
+         f"{final_fd['pixel']:.2f} (left) | latent UNet, FD {final_fd['latent']:.2f} (right)", list(SHAPES))
     return net
 
 
@@ -426,13 +318,11 @@ def sdedit(net, vae, images, labels, held, clf, alpha_bar, args, autocast):
                        torch.randn(z_src.shape, generator=g).to(device))  # z_t = sqrt(ab) E(x) + sqrt(1 - ab) eps
         x, _ = generate(net, torch.full((len(src),), target), z_t, alpha_bar, args, autocast, vae,
                         max(2, round(args.sample_steps * frac)), t_start=t0)  # DDIM from t0 under "star"
-        star = (features_and_classes(clf, x, device)[1] == target).float().mean()
-        kept = (nearest_colour(to_uint8(x)) == nearest_colour(images[src])).float().mean()
-        print(f"   t = {t0:3d}: classified as star {star:6.1%}, colour kept {kept:6.1%}, PSNR to the source "
-              f"{psnr(x, to_unit(images[src])).mean():5.2f} dB")
+        print(f"   t = {t0:3d}: classified as star {score(clf, x, target)[0]:6.1%}, colour kept "
+              f"{colour_kept(x, images[src]):6.1%}, PSNR to the source {psnr(x, to_unit(images[src])).mean():5.2f} dB")
         cols.append(to_uint8(x[:6]))
-    grid(torch.stack(cols, 1).flatten(0, 1), len(cols), "SDEdit: noise the latent to t, denoise as 'star'",
-         col_labels=["source"] + [f"t={int(f * 999)}" for f in fracs]).save(os.path.join(args.out, "07_sdedit.png"))
+    save(args, "07_sdedit.png", torch.stack(cols, 1).flatten(0, 1), len(cols), "SDEdit: noise the latent to t, "
+         "denoise as 'star'", col_labels=["source"] + [f"t={int(f * 999)}" for f in fracs])
 
 
 def inpaint(net, vae, images, captions, held, clf, alpha_bar, args, autocast):
@@ -443,8 +333,8 @@ def inpaint(net, vae, images, captions, held, clf, alpha_bar, args, autocast):
     x_src, z_src = to_unit(images[src]), encode_all(vae, images[src], device)[0].to(device) * vae.scale
     mask = torch.zeros(1, 1, *z_src.shape[-2:], device=device)
     mask[..., :mask.shape[-1] // 2] = 1  # known: the left half; the right half is generated
-    pix = F.interpolate(mask, size=32).cpu()  # the mask in pixels
-    rows, accs, err, known_db, kept = [], [], 0.0, [], []
+    pix = F.interpolate(mask, size=32).cpu()  # the mask in pixels; the figure draws the unknown half grey
+    rows, accs, kept, known_db, err = [], [], [], [], 0.0
     for i in range(len(src)):
         zk, g = z_src[i:i + 1].expand(len(SHAPES), -1, -1, -1), torch.Generator().manual_seed(args.seed + 13)
         z0 = ddim_sample(lambda x, t: guided_eps(net, x, t, y.to(device), args.guidance), torch.randn(
@@ -452,64 +342,56 @@ def inpaint(net, vae, images, captions, held, clf, alpha_bar, args, autocast):
             mask=mask, generator=g)  # a known region: ddim_sample's inpainting step
         err = max(err, ((z0 - zk) * mask).abs().max().item())
         x = vae.decode(z0 / vae.scale).float().clamp(-1, 1).cpu()
-        accs.append((features_and_classes(clf, x, device)[1] == y).float().mean().item())
-        kept.append((nearest_colour(to_uint8(x)) == nearest_colour(images[src[i:i + 1]])).float().mean().item())
+        accs.append(score(clf, x, y)[0])
+        kept.append(colour_kept(x, images[src[i:i + 1]]))
         mse = ((x - x_src[i:i + 1]).square() * pix).sum((1, 2, 3)) / (3 * pix.sum())  # on the known pixels
         known_db.append(10 * torch.log10(4 / mse).mean())
-        holed = x_src[i:i + 1] * pix + (1 - pix) * 0.3  # the unknown half grey
-        rows.append(torch.cat([to_uint8(x_src[i:i + 1]), to_uint8(holed), to_uint8(x)]))
+        rows += [to_uint8(x_src[i:i + 1]), to_uint8(x_src[i:i + 1] * pix + (1 - pix) * 0.3), to_uint8(x)]
     print(f"   inpainting (latent space, right half of {mask.shape[-1]}x{mask.shape[-1]} unknown): known latent kept "
-          f"to {err:.1e}; known pixels {torch.stack(known_db).mean():.2f} dB PSNR to the source (the VAE's "
-          f"reconstruction error); class accuracy of the filled images {np.mean(accs):.1%}, colour kept "
-          f"{np.mean(kept):.1%}")
-    grid(torch.cat(rows), 2 + len(SHAPES), "latent inpainting: left half kept (re-noised to t every step), right "
-         "half generated under each label", col_labels=["source", "known"] + list(SHAPES)).save(
-        os.path.join(args.out, "07_inpaint.png"))
+          f"to {err:.1e}; known pixels {torch.stack(known_db).mean():.2f} dB PSNR to the source (the VAE's error); "
+          f"class accuracy of the filled images {np.mean(accs):.1%}, colour kept {np.mean(kept):.1%}")
+    save(args, "07_inpaint.png", torch.cat(rows), 2 + len(SHAPES), "latent inpainting: left half kept (re-noised to "
+         "t every step), right half generated under each label", col_labels=["source", "known"] + list(SHAPES))
 
 
 def lora(net, vae, clf, alpha_bar, args, autocast, gen):
     """Teach the frozen latent UNet a colour it never saw (orange); save the adapter, merge it; 07_lora.png."""
-    device = alpha_bar.device
     images, labels, captions = make_shapes(args.lora_images, 32, args.seed + 99)
     images = recolour(images, captions, ORANGE)
-    z_mu = encode_all(vae, images, device)[0]
-    rec = vae.decode(z_mu.to(device)).float().cpu()
-    still = (nearest_colour(to_uint8(rec)) == len(COLORS)).float().mean()
+    z_mu = encode_all(vae, images, alpha_bar.device)[0]
+    rec = vae.decode(z_mu.to(alpha_bar.device)).float().cpu()
     print(f"4. LoRA: {len(images)} orange shapes; the frozen VAE reconstructs them at "
-          f"{psnr(rec, to_unit(images)).mean():.2f} dB, {still:.0%} still orange (the UNet can only learn what the "
-          "autoencoder can represent)")
+          f"{psnr(rec, to_unit(images)).mean():.2f} dB, {colour_kept(rec, len(COLORS)):.0%} still orange (the UNet "
+          "can only learn what the autoencoder can represent)")
     base, lora_net = copy.deepcopy(net).requires_grad_(False), add_lora(copy.deepcopy(net), LORA_RANK, LORA_ALPHA)
-    n_train = sum(p.numel() for p in lora_net.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in base.parameters())
+    n_train, n_all = n_params(lora_net, trainable=True), n_params(base)
     print(f"   rank {LORA_RANK}, alpha {LORA_ALPHA:g}: {n_train:,} trainable parameters, "
           f"{100 * n_train / n_all:.2f}% of the UNet's {n_all:,}")
     tic = time.time()
     loss = train_lora(lora_net, z_mu * vae.scale, labels, alpha_bar, args, autocast, gen)
     print(f"   fine-tuned {args.lora_steps} steps in {time.time() - tic:.0f} s (last loss {loss:.4f})")
     path, weights = os.path.join(args.run_dir, "lora.pt"), os.path.join(args.run_dir, "latent.pt.weights.tmp")
-    save_checkpoint(path, {"format": FORMAT + "-lora", "rank": LORA_RANK, "alpha": LORA_ALPHA,
-                           "adapter": lora_state(lora_net.eval())})
+    save_checkpoint(path, dict(format=FORMAT + "-lora", rank=LORA_RANK, alpha=LORA_ALPHA,
+                               adapter=lora_state(lora_net.eval())))
     torch.save(base.state_dict(), weights)  # only to compare sizes
     print(f"   adapter saved to {path}: {os.path.getsize(path) / 1024:.0f} KiB, against "
           f"{os.path.getsize(weights) / 1024:.0f} KiB for the UNet's weights")
     os.remove(weights)
-    probe = (torch.randn(4, *z_mu.shape[1:], generator=gen).to(device), torch.tensor([0, 250, 500, 999]).to(device),
-             torch.arange(4).to(device))
+    probe = [a.to(alpha_bar.device) for a in (torch.randn(4, *z_mu.shape[1:], generator=gen),
+                                              torch.tensor([0, 250, 500, 999]), torch.arange(4))]  # (z_t, t, y)
     with torch.no_grad():
-        before = lora_net(*probe)
-        merged = merge_lora(lora_net)  # W + (alpha / r) B A: a plain UNet again
+        before, merged = lora_net(*probe), merge_lora(lora_net)  # merged: W + (alpha / r) B A, a plain UNet again
         print(f"   merged into the weights; max |adapters - merged| output {(before - merged(*probe)).abs().max():.1e}")
     y, rows, orange = torch.arange(args.lora_samples) % len(SHAPES), [images[:10]], []
     for name, model in (("before", base), ("after", merged)):
         x_T = torch.randn(len(y), *z_mu.shape[1:], generator=torch.Generator().manual_seed(args.seed + 21))
         x, _ = generate(model, y, x_T, alpha_bar, args, autocast, vae)
-        orange.append((nearest_colour(to_uint8(x)) == len(COLORS)).float().mean().item())
-        acc = (features_and_classes(clf, x, device)[1] == y).float().mean().item()
-        print(f"   {name:6}: {orange[-1]:6.1%} of {len(y)} samples orange, class accuracy {acc:6.1%}")
+        orange.append(colour_kept(x, len(COLORS)))
+        print(f"   {name:6}: {orange[-1]:6.1%} of {len(y)} samples orange, class accuracy {score(clf, x, y)[0]:6.1%}")
         rows.append(to_uint8(x[:10]))
-    grid(torch.cat(rows), 10, f"LoRA (rank {LORA_RANK}, {100 * n_train / n_all:.1f}% of the parameters): orange, "
-         f"{orange[0]:.0%} -> {orange[1]:.0%} of samples", ["fine-tuning data", "before (base)", "after (merged)"]
-         ).save(os.path.join(args.out, "07_lora.png"))
+    save(args, "07_lora.png", torch.cat(rows), 10, f"LoRA (rank {LORA_RANK}, {100 * n_train / n_all:.1f}% of the "
+         f"parameters): orange, {orange[0]:.0%} -> {orange[1]:.0%} of samples",
+         ["fine-tuning data", "before (base)", "after (merged)"])
 
 
 # %% The lesson, start to finish
@@ -526,32 +408,30 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     alpha_bar = alpha_bar_of(cosine_betas(1000)).to(device)
-
     images, labels, captions = make_shapes(args.n_images, 32, args.seed)  # a fifth held out for the metrics
     held, train = torch.arange(args.n_images // 5), torch.arange(args.n_images // 5, args.n_images)
     print(f"shapes: {len(train)} training, {len(held)} held-out images | {device}, {'bf16' if bf16 else 'fp32'}")
-    clf, f_real, floor = judge(images, labels, held, train, args, device, gen)
+    clf, f_real = judge(images, labels, held, train, args, device, gen)
     vae, z_train, overhead = autoencoder(images, labels, held, train, clf, f_real, args, device, autocast, gen)
-    net = latent_vs_pixel(to_unit(images[train]), z_train, labels[train], vae, clf, f_real, floor, overhead,
-                          alpha_bar, args, autocast, gen)
+    net = latent_vs_pixel(to_unit(images[train]), z_train, labels[train], vae, clf, f_real, overhead, alpha_bar,
+                          args, autocast, gen)
     sdedit(net, vae, images, labels, held, clf, alpha_bar, args, autocast)
     inpaint(net, vae, images, captions, held, clf, alpha_bar, args, autocast)
     lora(net, vae, clf, alpha_bar, args, autocast, gen)
-    print(f"wrote 07_recon, 07_latent_vs_pixel, 07_samples, 07_sdedit, 07_inpaint and 07_lora (.png) to {args.out}/ "
-          f"and checkpoints to {args.run_dir}/; total {time.time() - start:.0f} s")
+    print(f"wrote 07_recon, 07_samples, 07_sdedit, 07_inpaint and 07_lora (.png) to {args.out}/ and checkpoints to "
+          f"{args.run_dir}/; total {time.time() - start:.0f} s")
 
 
 def parse_args(argv=None):
     """The flags a learner varies; the lesson's other settings are the constants at the top (FULL, or QUICK)."""
     if argv is None and "ipykernel" in sys.modules:  # in Jupyter, sys.argv holds the kernel's own flags
         argv = []
-    p = Parser(description="Lesson 07: latent diffusion, editing and LoRA fine-tuning.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description="Lesson 07: latent diffusion.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--factor", type=int, default=4, choices=[2, 4, 8], help="VAE downsampling of the 32x32 images")
     p.add_argument("--colour-jitter", type=float, default=0.5, help="fraction of VAE images given random colours")
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale s")
     p.add_argument("--seconds", type=float, default=240, help="training budget of each UNet (wall clock)")
-    p.add_argument("--fixed-steps", default="", metavar="PIXEL,LATENT", help="step budgets instead, e.g. 300,1500")
+    p.add_argument("--fixed-steps", type=step_pair, default=(), metavar="PIXEL,LATENT", help="steps, not --seconds")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     p.add_argument("--out", help="folder for the figures: figures/, or runs/quick/ with --quick")
@@ -560,11 +440,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.seconds > 0 or not 0 <= args.colour_jitter <= 1:
         fail(f"--seconds must be positive and --colour-jitter in [0, 1] (got {args.seconds:g}, {args.colour_jitter:g})")
-    try:
-        args.fixed_steps = tuple(int(s) for s in args.fixed_steps.split(",")) if args.fixed_steps else ()
-        assert len(args.fixed_steps) in (0, 2) and min(args.fixed_steps, default=1) > 0
-    except (ValueError, AssertionError):
-        fail(f"--fixed-steps takes two positive step counts, PIXEL,LATENT, like 300,1500 (got {args.fixed_steps!r})")
     args.out = args.out or ("runs/quick" if args.quick else "figures")
     args.run_dir = args.run_dir or ("runs/quick/07" if args.quick else "runs/07")
     vars(args).update(QUICK if args.quick else FULL)
@@ -582,6 +457,14 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def step_pair(text):
+    """argparse type of --fixed-steps: 'PIXEL,LATENT' -> two positive step counts, else a one-line error."""
+    parts = text.split(",")
+    if len(parts) != 2 or not all(s.strip().isdigit() and int(s) > 0 for s in parts):
+        raise argparse.ArgumentTypeError(f"takes two positive step counts, like 300,1500 (got {text!r})")
+    return tuple(int(s) for s in parts)
+
+
 def fail(message):
     """One line naming the fix, exit status 2, no traceback (lesson 01)."""
     print(f"error: {message}", file=sys.stderr)
@@ -590,16 +473,11 @@ def fail(message):
 
 def pick_device(name):
     """auto: cuda, then mps, then cpu; a device that is not there exits 2 (lesson 01)."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for but CUDA is not available; use --device cpu (or auto)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        fail("--device mps was asked for but MPS is not available; use --device cpu (or auto)")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not mps):
+        fail(f"--device {name} was asked for but {name.upper()} is not available; use --device cpu (or auto)")
     return torch.device(name)
 
 
@@ -614,6 +492,55 @@ def save_checkpoint(path, ckpt):
     """Atomic: a crash mid-write never leaves a half checkpoint at `path` (lesson 04)."""
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)
+
+
+def diffusion_loss(model, data, labels, alpha_bar, batch, gen, autocast):
+    """Lesson 04's loss (v, min-SNR-5) on a random batch, labels dropped to the null one as in lesson 06."""
+    device = alpha_bar.device
+    idx = torch.randint(len(data), (batch,), generator=gen)
+    x0, y = data[idx].to(device), labels[idx].to(device)
+    y = torch.where(torch.rand(batch, generator=gen).to(device) < P_UNCOND, model.num_classes, y)
+    t = torch.randint(len(alpha_bar), (batch,), generator=gen).to(device)
+    eps = torch.randn(x0.shape, generator=gen).to(device)
+    ab = alpha_bar[t].float().view(-1, 1, 1, 1)
+    with autocast():
+        out = model(q_sample(x0, t, alpha_bar, eps), t, y)
+    per_sample = (out.float() - target_of("v", x0, eps, ab)).square().mean((1, 2, 3))
+    return (loss_weight("min-snr", "v", ab.view(-1)) * per_sample).mean()
+
+
+def train_diffusion(model, data, labels, alpha_bar, args, autocast, gen, budget, marks, name):
+    """Lesson 04's loop (warmup, clipping, EMA) for a budget ("seconds"|"steps", n) -> (EMA at marks, img/s)."""
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    (kind, total), marks, snaps, step, busy = budget, sorted(marks), [], 0, 0.0
+    while True:
+        used = busy if kind == "seconds" else step
+        while marks and used >= marks[0]:
+            marks.pop(0)
+            if not snaps or snaps[-1][1] != step:  # one slow step can pass several marks: keep one copy
+                snaps.append((busy, step, copy.deepcopy(ema.state_dict())))
+        if used >= total:
+            break
+        tic = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = LR * min(1.0, (step + 1) / max(1, args.warmup))  # linear warmup
+        loss = diffusion_loss(model, data, labels, alpha_bar, args.batch, gen, autocast)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():  # ema = decay * ema + (1 - decay) * w, the decay warming up to EMA_DECAY
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - min(EMA_DECAY, (1 + step) / (10 + step)))
+        if alpha_bar.device.type == "cuda":
+            torch.cuda.synchronize()
+        busy, step = busy + time.perf_counter() - tic, step + 1
+        if step % 20 == 0:
+            print(f"\r  {name}: step {step}  {busy:.0f} s  loss {loss.item():.4f}  {step * args.batch / busy:.0f} "
+                  "img/s ", end="", flush=True)
+    print()
+    return snaps, step * args.batch / max(busy, 1e-9)
 
 
 def cosine_betas(T, s=0.008):
@@ -643,57 +570,43 @@ POSITIONS = ("top left", "top", "top right", "left", "centre", "right",
 
 
 def shape_polygon(kind, cx, cy, r, angle):
-    """Vertices of a shape centred at (cx, cy) with circumradius r, rotated by angle (lesson 01)."""
-    if kind == "square":
-        radii, k = [r] * 4, 4
-    elif kind == "triangle":
-        radii, k = [r] * 3, 3
-    elif kind == "star":
-        radii, k = [r, 0.45 * r] * 5, 10
-    else:  # cross: a plus sign, 12 vertices on two radii
-        w = 0.32 * r  # half the width of an arm
+    """Vertices of a square, triangle, star or cross centred at (cx, cy), circumradius r, rotated (lesson 01)."""
+    if kind == "cross":  # a plus sign: 12 vertices, arms of half-width w
+        w = 0.32 * r
         pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r),
                (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
         c, s = math.cos(angle), math.sin(angle)
         return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
+    radii = {"square": [r] * 4, "triangle": [r] * 3, "star": [r, 0.45 * r] * 5}[kind]
+    k = len(radii)
     return [(cx + rad * math.cos(angle + 2 * math.pi * i / k), cy + rad * math.sin(angle + 2 * math.pi * i / k))
             for i, rad in enumerate(radii)]
 
 
 def make_shapes(n, size=32, seed=0):
-    """(images uint8 [n, 3, size, size], labels int64 [n], captions): one anti-aliased shape each (lesson 01)."""
+    """(uint8 images [n, 3, size, size], labels int64 [n], captions): one anti-aliased shape each (lesson 01)."""
     rng = np.random.default_rng(seed)
-    shape_i = rng.integers(0, len(SHAPES), n)
-    color_i = rng.integers(0, len(COLORS), n)
-    size_i = rng.integers(0, len(SIZES), n)
-    pos_i = rng.integers(0, len(POSITIONS), n)
-    jitter = rng.uniform(-0.3, 0.3, (n, 2))
-    scale = rng.uniform(0.9, 1.1, n)
-    angle = rng.uniform(0, 2 * math.pi, n)
-    big = 4 * size
-    color_names, size_names = list(COLORS), list(SIZES)
+    shape_i, color_i, size_i, pos_i = (rng.integers(0, len(v), n) for v in (SHAPES, COLORS, SIZES, POSITIONS))
+    jitter, scale, angle = rng.uniform(-0.3, 0.3, (n, 2)), rng.uniform(0.9, 1.1, n), rng.uniform(0, 2 * math.pi, n)
+    big, color_names, size_names = 4 * size, list(COLORS), list(SIZES)
     rgb = np.array([COLORS[c] for c in color_names], dtype=np.float32)  # [6, 3]
-    masks = np.empty((n, size, size), dtype=np.float32)
-    captions = []
+    masks, captions = np.empty((n, size, size), dtype=np.float32), []
     for i in range(n):
         r = SIZES[size_names[size_i[i]]] * scale[i] * big
-        col, row = pos_i[i] % 3, pos_i[i] // 3
-        # centre: one of a 3x3 grid of cells inside [r, big - r], so the shape stays in the picture
+        col, row = pos_i[i] % 3, pos_i[i] // 3  # centre in one of a 3x3 grid of cells inside [r, big - r]
         cx = r + (col + 0.5 + jitter[i, 0]) / 3 * (big - 2 * r)
         cy = r + (row + 0.5 + jitter[i, 1]) / 3 * (big - 2 * r)
         img = Image.new("L", (big, big), 0)
-        draw = ImageDraw.Draw(img)
         kind = SHAPES[shape_i[i]]
         if kind == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+            ImageDraw.Draw(img).ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
         else:
-            draw.polygon(shape_polygon(kind, cx, cy, r, angle[i]), fill=255)
+            ImageDraw.Draw(img).polygon(shape_polygon(kind, cx, cy, r, angle[i]), fill=255)
         masks[i] = np.asarray(img.resize((size, size), Image.Resampling.BOX), dtype=np.float32) / 255
         captions.append(f"a {size_names[size_i[i]]} {color_names[color_i[i]]} {kind} "
                         f"{'in the' if pos_i[i] == 4 else 'at the'} {POSITIONS[pos_i[i]]}")
     images = masks[:, None] * rgb[color_i][:, :, None, None]  # [n, 1, H, W] * [n, 3, 1, 1] -> [n, 3, H, W]
-    images = torch.from_numpy(np.rint(images).astype(np.uint8))
-    return images, torch.from_numpy(shape_i.astype(np.int64)), captions
+    return torch.from_numpy(np.rint(images).astype(np.uint8)), torch.from_numpy(shape_i.astype(np.int64)), captions
 
 
 def to_unit(images):
@@ -707,16 +620,12 @@ def to_uint8(x):
 
 
 def target_of(pred, x0, eps, ab):
-    """The regression target for eps, x0 or v prediction; ab = alpha_bar_t as [B, 1, 1, 1] (lesson 04)."""
-    if pred == "eps":
-        return eps
-    if pred == "x0":
-        return x0
-    return ab.sqrt() * eps - (1 - ab).sqrt() * x0  # v
+    """The regression target for pred; ab = alpha_bar_t as [B, 1, 1, 1] (lesson 04)."""
+    return {"eps": eps, "x0": x0}[pred] if pred != "v" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
 
 
 def to_eps_x0(pred, out, x_t, ab):
-    """The network's output turned into (eps_hat, x0_hat), whatever it predicts (lesson 04)."""
+    """The network's output -> (eps_hat, x0_hat), whatever it predicts (lesson 04)."""
     if pred == "eps":
         return out, (x_t - (1 - ab).sqrt() * out) / ab.sqrt()
     if pred == "x0":
@@ -725,12 +634,11 @@ def to_eps_x0(pred, out, x_t, ab):
 
 
 def loss_weight(kind, pred, ab, gamma=5.0):
-    """Per-sample weight: 1, or min-SNR-gamma for the chosen target (Hang et al. 2023; lesson 04)."""
+    """Per-sample weight: 1, or min-SNR-gamma for the target pred (Hang et al. 2023; lesson 04)."""
     if kind == "none":
         return torch.ones_like(ab)
     snr = ab / (1 - ab)
-    clipped = snr.clamp(max=gamma)
-    return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[pred]
+    return {"eps": snr.clamp(max=gamma) / snr, "x0": snr.clamp(max=gamma), "v": snr.clamp(max=gamma) / (snr + 1)}[pred]
 
 
 def timestep_embedding(t, dim):
@@ -806,13 +714,11 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t, y) (lesson 06's class UNet, no text): two blocks a level, attention at level 2 and in
-    the middle; num_classes > 0 adds a label embedding (row num_classes: the null label) to the time embedding."""
+    """eps_theta(x_t, t, y): lesson 06's class UNet (attention at level 2 and in the middle; null label num_classes)."""
 
     def __init__(self, in_ch=3, base_ch=32, ch_mult=(1, 2, 2), num_classes=0):
         super().__init__()
-        self.base_ch, self.num_classes = base_ch, num_classes
-        emb_dim = 4 * base_ch
+        self.base_ch, self.num_classes, emb_dim = base_ch, num_classes, 4 * base_ch
         self.time_mlp = nn.Sequential(nn.Linear(base_ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
         self.conv_in = nn.Conv2d(in_ch, base_ch, 3, padding=1)
@@ -855,8 +761,7 @@ class UNet(nn.Module):
 
 
 def guided_eps(model, x, t, y, scale):
-    """Classifier-free guidance, out_u + scale (out_c - out_u), in the model's own parametrisation (v here:
-    eps is affine in v, so guiding v guides eps); one pass over the doubled batch (lesson 06)."""
+    """Classifier-free guidance out_u + scale (out_c - out_u), in the model's parametrisation, one pass (lesson 06)."""
     y_null = torch.full_like(y, model.num_classes)
     if scale == 0:
         return model(x, t, y_null)
@@ -869,12 +774,8 @@ def guided_eps(model, x, t, y, scale):
 @torch.no_grad()
 def ddim_sample(model, x_T, alpha_bar, steps, pred, autocast=nullcontext, clip=True, t_start=None,
                 known=None, mask=None, generator=None):
-    """Lesson 04's DDIM, x_T [B, C, S, S] -> x_0, plus this lesson's editing: visits t_i = round(i (T-1) / (steps-1))
-    from T-1 (or t_start, for SDEdit) down to 0, then steps from t = 0 to the clean image (alpha_bar = 1); clip
-    clamps x0_hat to [-1, 1]. Inpainting: where mask = 1, x is replaced after every step by `known` noised to the
-    new t, z_s <- m * (sqrt(ab_s) z_known + sqrt(1 - ab_s) eps) + (1 - m) * z_s."""
-    T = len(alpha_bar)
-    ts = torch.linspace(T - 1 if t_start is None else t_start, 0, steps).round().long().tolist()
+    """Lesson 04's DDIM x_T -> x_0, from t_start for SDEdit; with known and mask, this lesson's inpainting step."""
+    ts = torch.linspace(len(alpha_bar) - 1 if t_start is None else t_start, 0, steps).round().long().tolist()
     x = x_T
     for i, t in enumerate(ts):
         ab = alpha_bar[t].to(x.device, torch.float32).view(1, 1, 1, 1)
@@ -934,8 +835,7 @@ def features_and_classes(clf, x, device, batch=256):
 
 
 def frechet_distance(f1, f2):
-    """FD between Gaussians fitted to two feature sets [N, D] (float64); the square root of S1^1/2 S2 S1^1/2
-    from its eigenvalues (lesson 04)."""
+    """FD between Gaussians fitted to feature sets [N, D] (float64), via eigenvalues (lesson 04)."""
     mu1, mu2 = f1.mean(0), f2.mean(0)
     s1, s2 = torch.cov(f1.T), torch.cov(f2.T)
     w, V = torch.linalg.eigh(s1)
@@ -944,10 +844,59 @@ def frechet_distance(f1, f2):
     return ((mu1 - mu2).square().sum() + torch.trace(s1) + torch.trace(s2) - 2 * cross).item()
 
 
+# This lesson's measuring and saving helpers
+def judge(images, labels, held, train, args, device, gen):
+    """Lesson 04's metric: a classifier of the training images, held-out features, the FD floor and ceiling."""
+    n = min(args.eval_samples, len(held) // 2)
+    clf = train_classifier(images[train], labels[train], len(SHAPES), device, args.clf_steps, args.seed)
+    f_real, c_real = features_and_classes(clf, to_unit(images[held[:n]]), device)
+    f_real2, _ = features_and_classes(clf, to_unit(images[held[n:2 * n]]), device)
+    f_noise, _ = features_and_classes(clf, torch.randn(n, 3, 32, 32, generator=gen).clamp(-1, 1), device)
+    print(f"classifier accuracy on held-out {(c_real == labels[held[:n]]).float().mean():.1%}; FD floor (real vs real) "
+          f"{frechet_distance(f_real2, f_real):.2f}, ceiling (noise vs real) {frechet_distance(f_noise, f_real):.2f}")
+    return clf, f_real
+
+
+def psnr(a, b):
+    """Peak signal-to-noise ratio in dB for images in [-1, 1] (peak-to-peak 2), per image [N]."""
+    mse = (a.clamp(-1, 1) - b.clamp(-1, 1)).square().flatten(1).mean(1)
+    return 10 * torch.log10(4 / mse.clamp(min=1e-10))
+
+
+def nearest_colour(x_uint8):
+    """Index into list(COLORS) + ["orange"] of the nearest colour to an image's foreground: the mean
+    chromaticity (rgb / max channel) of its pixels brighter than half its brightest. [N] int64."""
+    x = x_uint8.float()
+    bright = x.amax(1)  # [N, S, S]
+    fg = (bright > 0.5 * bright.amax((1, 2), keepdim=True)).float().unsqueeze(1)  # [N, 1, S, S]
+    chroma = ((x / bright.clamp(min=1).unsqueeze(1)) * fg).sum((2, 3)) / fg.sum((2, 3)).clamp(min=1)  # [N, 3]
+    palette = torch.tensor([*COLORS.values(), ORANGE], dtype=torch.float32)
+    return torch.cdist(chroma, palette / palette.amax(1, keepdim=True)).argmin(1)
+
+
+def score(clf, x, y, f_real=None):
+    """Class accuracy of images x in [-1, 1] for labels y, and their FD to the real features f_real if given."""
+    f, c = features_and_classes(clf, x, next(clf.parameters()).device)
+    return (c == y).float().mean().item(), None if f_real is None else frechet_distance(f, f_real)
+
+
+def colour_kept(x, ref):
+    """The fraction of images x in [-1, 1] whose colour is ref's: a colour index, or that of uint8 images ref."""
+    ref = nearest_colour(ref) if torch.is_tensor(ref) else ref
+    return (nearest_colour(to_uint8(x)) == ref).float().mean().item()
+
+
+def n_params(model, trainable=False):
+    """The number of parameters (only those that get gradients, with trainable=True)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+def save(args, name, x_uint8, nrow, title, row_labels=(), col_labels=()):
+    """A titled image grid (the drawing kit's grid), saved as args.out/name."""
+    grid(x_uint8, nrow, title, row_labels, col_labels).save(os.path.join(args.out, name))
+
+
 # The drawing kit (lesson 01), with PIL: matplotlib is not a dependency
-PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207)]
-
-
 def font(px):
     return ImageFont.load_default(size=px)
 
@@ -968,61 +917,6 @@ def grid(x_uint8, nrow, title, row_labels=(), col_labels=(), scale=3):
     for i, s in enumerate(row_labels):
         d.text((left - 6, top + (i + 0.5) * img.height / len(row_labels)), s, fill="black", font=f, anchor="rm")
     return canvas
-
-
-def ticks(lo, hi, log=False):
-    """Round tick values in [lo, hi]: powers of ten on a log axis, else 1, 2 or 5 times a power of ten apart."""
-    if log:
-        return [10.0 ** e for e in range(math.ceil(math.log10(lo)), math.floor(math.log10(hi)) + 1)]
-    raw = ((hi - lo) or 1.0) / 5
-    mag = 10 ** math.floor(math.log10(raw))
-    step = min(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step + 1e-9) + 1)]
-
-
-def axes(xlim, ylim, title, xlabel, ylabel, logx=False, logy=False, size=(480, 360)):
-    """A blank plot with ticks, grid, labels and title: returns (image, draw, to_px: data -> pixel)."""
-    img = Image.new("RGB", size, "white")
-    d, f = ImageDraw.Draw(img), font(13)
-    x0, y0, x1, y1 = 70, 50, size[0] - 20, size[1] - 50
-    tx, ty = (math.log10 if logx else float), (math.log10 if logy else float)
-
-    def to_px(x, y):
-        return (x0 + (tx(x) - tx(xlim[0])) / ((tx(xlim[1]) - tx(xlim[0])) or 1) * (x1 - x0),
-                y1 - (ty(y) - ty(ylim[0])) / ((ty(ylim[1]) - ty(ylim[0])) or 1) * (y1 - y0))
-
-    label = lambda v: f"{v:.0e}" if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3) else f"{v:g}"
-    for v in ticks(*xlim, logx):
-        px = to_px(v, ylim[0])[0]
-        d.line([(px, y0), (px, y1 + 4)], fill=(230, 230, 230))
-        d.text((px, y1 + 6), label(v), fill="black", font=f, anchor="ma")
-    for v in ticks(*ylim, logy):
-        py = to_px(xlim[0], v)[1]
-        d.line([(x0 - 4, py), (x1, py)], fill=(230, 230, 230))
-        d.text((x0 - 6, py), label(v), fill="black", font=f, anchor="rm")
-    d.rectangle((x0, y0, x1, y1), outline="black")
-    d.text(((x0 + x1) / 2, y1 + 24), xlabel, fill="black", font=f, anchor="ma")
-    d.text((x0 - 4, y0 - 8), ylabel, fill="black", font=f, anchor="ld")
-    d.text((size[0] / 2, 8), title, fill="black", font=font(15), anchor="ma")
-    return img, d, to_px
-
-
-def line_plot(series, title, xlabel, ylabel, logx=False, logy=False, ylim=None, size=(480, 360)):
-    """series: [(label, xs, ys)] -> a PIL image of the lines with a legend in the top-right corner."""
-    xs = [x for _, xs_, _ in series for x in xs_]
-    ys = [y for _, _, ys_ in series for y in ys_]
-    pad = 0 if logy else 0.05 * ((max(ys) - min(ys)) or 1)
-    ylim = ylim or (min(ys) - pad, max(ys) + pad)
-    img, d, to_px = axes((min(xs), max(xs)), ylim, title, xlabel, ylabel, logx, logy, size)
-    for k, (name, xs_, ys_) in enumerate(series):
-        color = PALETTE[k % len(PALETTE)]
-        pts = [to_px(x, min(max(y, ylim[0]), ylim[1])) for x, y in zip(xs_, ys_)]
-        d.line(pts, fill=color, width=2)
-        for px, py in pts if len(pts) <= 30 else ():  # few points: mark each measurement
-            d.ellipse((px - 3, py - 3, px + 3, py + 3), fill=color)
-        d.line([(size[0] - 170, 62 + 18 * k), (size[0] - 145, 62 + 18 * k)], fill=color, width=3)
-        d.text((size[0] - 140, 62 + 18 * k), name, fill="black", font=font(13), anchor="lm")
-    return img
 
 
 if __name__ == "__main__":

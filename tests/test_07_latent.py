@@ -205,8 +205,7 @@ def test_unet_loads_a_06_style_class_state_dict():
 
 
 # -- the script ------------------------------------------------------------------------------------------
-FIGURES = ("07_recon.png", "07_latent_vs_pixel.png", "07_samples.png", "07_sdedit.png", "07_inpaint.png",
-           "07_lora.png")
+FIGURES = ("07_recon.png", "07_samples.png", "07_sdedit.png", "07_inpaint.png", "07_lora.png")
 
 
 def test_quick_run_writes_every_figure(tmp_path):
