@@ -1,7 +1,4 @@
-"""Lesson 04, the main job: train a diffusion model on images.
-
-Everything between "I have a UNet" and "I have a model that draws": data, the objective, what keeps
-training stable, mixed precision, checkpoints that resume exactly, several GPUs, and a quality number.
+"""Lesson 04, the main job: train a diffusion model on images, with everything a real run needs around it.
 
 1. The objective (Ho et al. 2020, Algorithm 1): x_0 from the data, t uniform in [0, T-1], eps ~ N(0, I),
    x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps with ab = alpha_bar_t; regress the network's output on a target.
@@ -9,8 +6,7 @@ training stable, mixed precision, checkpoints that resume exactly, several GPUs,
        v = sqrt(ab) eps - sqrt(1 - ab) x_0,  x_0 = sqrt(ab) x_t - sqrt(1 - ab) v,  eps = sqrt(1 - ab) x_t + sqrt(ab) v
    With SNR = ab / (1 - ab): ||x_0 - x_0_hat||^2 = ||eps - eps_hat||^2 / SNR = ||v - v_hat||^2 / (1 + SNR).
 2. Min-SNR weighting (Hang et al. 2023) makes the effective loss min(SNR, 5) ||x_0 - x_0_hat||^2, so the
-   easy, almost clean t stop taking the gradient. The defaults, v with min-SNR, won a measured
-   comparison with unweighted eps (the README gives both results).
+   easy, almost clean t stop taking the gradient (the README compares it with unweighted eps).
 3. Optimisation: AdamW, a linear learning-rate warmup, the gradient norm clipped at 1; the model that
    samples is an EMA of the weights, ema = decay ema + (1 - decay) w, decay = min(0.999, (1+step) / (10+step)).
    bf16 autocast (--precision auto) runs on CUDA and CPUs with bf16 units; 03_unet.py --bench measures it.
@@ -52,9 +48,11 @@ from torchvision.utils import make_grid
 
 FORMAT = "dmfs-04-v1"  # checkpoint format tag: a file written by another script is refused
 DATASETS = ("shapes", "mnist", "fashion-mnist", "cifar10", "folder")
+# The training recipe beside the flags (the checkpoint's config records both)
 T = 1000  # diffusion steps
 BASE_CH, CH_MULT = 32, (1, 2, 2)  # UNet width, and its channel multiplier per level
 WARMUP, GRAD_CLIP, EMA_DECAY, HFLIP = 200, 1.0, 0.999, False  # HFLIP: random flips (natural images)
+# Sampling, checkpoints and the metric
 SAMPLE_EVERY, SAVE_EVERY, SAMPLE_STEPS = 500, 500, 50  # steps between grids, between checkpoints; DDIM steps
 EVAL_SAMPLES, CLF_STEPS, N_SHAPES = 500, 400, 10_000  # metric samples (0: skip), classifier steps; shapes
 QUICK = dict(steps=30, batch_size=16, base_ch=16, warmup=5, sample_every=15, save_every=20,  # --quick: at most
@@ -63,8 +61,7 @@ QUICK = dict(steps=30, batch_size=16, base_ch=16, warmup=5, sample_every=15, sav
 
 # %% Data: every dataset becomes one uint8 tensor [N, C, S, S] in memory, plus labels
 def load_dataset(name, data_dir, size, seed, n_shapes=10_000):
-    """-> (images uint8 [N, C, size, size], labels int64 [N], class names). Small data sets fit in
-    memory, which makes batches a single indexing op and lets CUDA copy them from pinned memory."""
+    """-> (images uint8 [N, C, size, size], labels int64 [N], class names), all in memory: a batch is one index."""
     if name == "shapes":
         images, labels, _ = make_shapes(n_shapes, size=size, seed=seed)
         return images, labels, list(SHAPES)
@@ -78,12 +75,10 @@ def load_dataset(name, data_dir, size, seed, n_shapes=10_000):
         except (FileNotFoundError, RuntimeError) as e:
             fail(f"no images found under {data_dir!r} ({str(e).splitlines()[0]}); put them in sub-folders, "
                  "one per class, e.g. DIR/cats/1.png")
-        grey = all(Image.open(path).mode in ("1", "L") for path, _ in ds.samples)  # keep 1 channel for greyscale
-        pics = []
-        for path, _ in ds.samples:
-            img = Image.open(path).convert("L" if grey else "RGB")
-            pics.append(TF.pil_to_tensor(TF.center_crop(TF.resize(img, size, antialias=True), size)))  # [C, S, S]
-        return torch.stack(pics), torch.tensor(ds.targets), ds.classes
+        mode = "L" if all(Image.open(p).mode in ("1", "L") for p, _ in ds.samples) else "RGB"  # greyscale: 1 channel
+        pics = [TF.center_crop(TF.resize(Image.open(p).convert(mode), size, antialias=True), size)
+                for p, _ in ds.samples]
+        return torch.stack([TF.pil_to_tensor(p) for p in pics]), torch.tensor(ds.targets), ds.classes  # [N, C, S, S]
     cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
            "cifar10": torchvision.datasets.CIFAR10}[name]
     try:
@@ -105,11 +100,7 @@ def load_dataset(name, data_dir, size, seed, n_shapes=10_000):
 # %% The objective: eps, x_0 and v, and the loss weight per t
 def target_of(pred, x0, eps, ab):
     """The regression target for --pred; ab = alpha_bar_t broadcast as [B, 1, 1, 1]."""
-    if pred == "eps":
-        return eps
-    if pred == "x0":
-        return x0
-    return ab.sqrt() * eps - (1 - ab).sqrt() * x0  # v
+    return {"eps": eps, "x0": x0, "v": ab.sqrt() * eps - (1 - ab).sqrt() * x0}[pred]
 
 
 def to_eps_x0(pred, out, x_t, ab):
@@ -165,10 +156,7 @@ def train_step(model, ema, opt, loss, step, lr, warmup):
             pe.lerp_(pm, 1 - decay)  # ema = decay * ema + (1 - decay) * w
 
 
-# %% Checkpoints: one dict, written atomically, loaded without running code
-MODEL_KEYS = ("dataset", "image_size", "channels", "pred", "schedule", "T", "base_ch", "ch_mult")
-
-
+# %% Checkpoints: one dict, written atomically, loaded without running code; a NaN stops the run
 def new_state(args, device):
     """What a checkpoint saves: the UNet, its EMA, AdamW, the step, the log, the training generator."""
     torch.manual_seed(args.seed)  # same initial weights on every rank
@@ -184,13 +172,12 @@ def new_state(args, device):
 
 
 def save_state(path, state, args):
-    """Stop if the weights are not finite (the NaN guard); else write {format, config, model, ema,
-    optimizer, step, rng, log} to a temporary file and rename it: a crash never leaves half a file."""
+    """The NaN guard, then {format, config, model, ema, optimizer, step, log, rng} written to a temporary
+    file and renamed: a crash never leaves half a file."""
     if not all(torch.isfinite(p).all() for p in state["model"].parameters()):
         stop(f"the weights are not finite at step {state['step']}", path, args)
-    gens = [state["gen"].get_state()]
+    gens = [state["gen"].get_state()] * args.world
     if args.world > 1:  # each rank draws its own batches: keep every rank's generator
-        gens = [None] * args.world
         dist.all_gather_object(gens, state["gen"].get_state())
     if args.rank == 0:
         torch.save({"format": FORMAT, "config": vars(args), "step": state["step"], "log": state["log"],
@@ -211,7 +198,8 @@ def load_state(path, state, args):
         fail(f"{path} was not written by 04_train.py (format {ckpt.get('format') if isinstance(ckpt, dict) else '?'}); "
              "pass a 04 checkpoint to --resume")
     diff = [f"{k}={ckpt['config'].get(k)!r} (now {vars(args)[k]!r})"
-            for k in MODEL_KEYS if ckpt["config"].get(k) != vars(args)[k]]
+            for k in ("dataset", "image_size", "channels", "pred", "schedule", "T", "base_ch", "ch_mult")
+            if ckpt["config"].get(k) != vars(args)[k]]
     if diff:
         fail(f"{path} was trained with {', '.join(diff)}; use the same settings or a new --run-dir")
     for k in ("model", "ema", "optimizer"):
@@ -220,6 +208,9 @@ def load_state(path, state, args):
     torch.set_rng_state(ckpt["rng"]["torch"])
     if len(ckpt["rng"]["train"]) == args.world:  # the same number of processes: continue bit for bit
         state["gen"].set_state(ckpt["rng"]["train"][args.rank])
+    if args.rank == 0:
+        print(f"resumed {path} at step {state['step']}" + (f"; it is already at --steps {args.steps}: "
+              "pass a larger --steps" if state["step"] >= args.steps else ""))
 
 
 def stop(what, path, args):
@@ -287,7 +278,6 @@ def ddim_sample(model, x_T, alpha_bar, steps, pred, autocast=nullcontext):
 # %% Measuring quality: a small classifier's features and the Frechet distance
 class Classifier(nn.Module):
     """A small CNN; its 128-d penultimate features are what the Frechet distance compares."""
-
     def __init__(self, in_ch, n_classes):
         super().__init__()
         self.body = nn.Sequential(
@@ -339,8 +329,7 @@ def frechet_distance(f1, f2):
 
 # %% The experiment: the training loop, then its figures and the quality table
 def train(args, state, net, images, shard, alpha_bar, x_fixed, autocast):
-    """Train up to args.steps with progress, sample grids from fixed noise and checkpoints (Ctrl-C saves
-    one too). Returns the grids as [(step, samples)]."""
+    """Train up to args.steps: progress, grids from fixed noise, checkpoints (Ctrl-C saves one). -> [(step, grid)]"""
     path, log, progress, first = os.path.join(args.run_dir, "ckpt.pt"), state["log"], [], state["step"]
     t0, smooth, batch = time.time(), None, args.batch_size * args.world  # images per step, all ranks together
     try:
@@ -354,18 +343,18 @@ def train(args, state, net, images, shard, alpha_bar, x_fixed, autocast):
             state["step"] = step = state["step"] + 1
             log["losses"].append(loss.item())
             smooth = log["losses"][-1] if smooth is None else 0.98 * smooth + 0.02 * log["losses"][-1]
-            if step > args.steps // 2:  # loss by t, once the model has settled
+            if step > args.steps // 2:  # loss by t, in 20 bins, once the model has settled
                 for ti, li in zip(t.tolist(), per_sample.tolist()):
                     log["t_sums"][ti * 20 // args.T] += li
                     log["t_counts"][ti * 20 // args.T] += 1
-            if args.rank == 0 and (step % 10 == 0 or step == args.steps):
-                rate = (step - first) * batch / (time.time() - t0)
+            last, rate = step == args.steps, (step - first) * batch / (time.time() - t0)
+            if args.rank == 0 and (step % 10 == 0 or last):
                 print(f"\rstep {step}/{args.steps}  loss {smooth:.4f}  {rate:.0f} img/s  "
                       f"ETA {(args.steps - step) * batch / max(rate, 1e-9) / 60:.1f} min ", end="", flush=True)
-            if args.rank == 0 and (step % args.sample_every == 0 or step == args.steps):
+            if args.rank == 0 and (step % args.sample_every == 0 or last):
                 progress.append((step, ddim_sample(state["ema"], x_fixed[:8], alpha_bar, args.sample_steps,
                                                    args.pred, autocast).cpu()))
-            if step % args.save_every == 0 or step == args.steps:
+            if step % args.save_every == 0 or last:
                 save_state(path, state, args)
     except KeyboardInterrupt:
         save_state(path, state, args)
@@ -373,12 +362,12 @@ def train(args, state, net, images, shard, alpha_bar, x_fixed, autocast):
             print(f"\ninterrupted at step {state['step']}: saved {path}; continue with --resume")
         sys.exit(130)
     if args.rank == 0 and state["step"] > first:  # speed (training costs ~3 forwards) and peak memory
-        minutes, rate = (time.time() - t0) / 60, (state["step"] - first) * batch / (time.time() - t0)
+        rate = (state["step"] - first) * batch / (time.time() - t0)
         with FlopCounterMode(display=False) as counter:
             state["model"](x0[:1], t[:1])
         cuda = x_fixed.device.type == "cuda"
         peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print(f"\ntrained {state['step'] - first} steps in {minutes:.1f} min: {rate:.0f} images/s "
+        print(f"\ntrained {state['step'] - first} steps in {(time.time() - t0) / 60:.1f} min: {rate:.0f} images/s "
               f"({3 * counter.get_total_flops() * rate / 1e9:.0f} GFLOP/s, counting training as 3x the forward), "
               f"peak memory {peak / 2**20:.0f} MiB ({'GPU allocated' if cuda else 'process RSS'})")
     return progress
@@ -388,20 +377,18 @@ def save_loss_plots(path, log, T):
     """Left: the loss, averaged into at most 200 points. Right: the loss binned by t (second half)."""
     losses, sums, counts = log["losses"], log["t_sums"], log["t_counts"]
     k = max(1, len(losses) // 200)
-    ys = [sum(losses[i * k:(i + 1) * k]) / k for i in range(len(losses) // k)]
-    centres = [(i + 0.5) * T / len(sums) for i in range(len(sums)) if counts[i] > 0]
-    means = [s / c for s, c in zip(sums, counts) if c > 0]
-    save_row(path, [line_plot([("training loss", [i * k + k for i in range(len(ys))], ys)],
-                              f"loss (mean of every {k} steps)", "step", "loss", logy=True,
-                              ylim=(min(ys) * 0.8, max(ys) * 1.25), size=(550, 430)),
-                    line_plot([("loss at t", centres, means)], "loss binned by t (last half of training)", "t",
-                              "loss", logy=True, ylim=(min(means) * 0.8, max(means) * 1.25), size=(550, 430))])
+    steps = [(i + 1) * k for i in range(len(losses) // k)]
+    centres = [(i + 0.5) * T / len(sums) for i in range(len(sums)) if counts[i]]
+    means, by_t = [sum(losses[s - k:s]) / k for s in steps], [s / c for s, c in zip(sums, counts) if c]
+    panels = [("training loss", steps, means, f"loss (mean of every {k} steps)", "step"),
+              ("loss at t", centres, by_t, "loss binned by t (last half of training)", "t")]
+    save_row(path, [line_plot([(label, xs, ys)], title, xlabel, "loss", logy=True, ylim=(min(ys) * 0.8, max(ys) * 1.25),
+                              size=(550, 430)) for label, xs, ys, title, xlabel in panels])
 
 
 @torch.no_grad()
 def save_x0_predictions(path, model, x0, alpha_bar, pred, gen, autocast):
-    """Rows: t. Columns: x_0, x_t, the model's x_0 estimate. The first thing to look at when
-    samples are noise: if these are wrong, the network (or the data range) is wrong."""
+    """Rows: t; columns: x_0, x_t, the x_0 estimate. When samples are noise, look here first (net or data range)."""
     ts = [int(f * (len(alpha_bar) - 1)) for f in (0.02, 0.1, 0.25, 0.5, 0.75, 0.9)]
     rows = []
     for t in ts:
@@ -426,9 +413,8 @@ def quality(args, ema, images, labels, classes, held, train_idx, alpha_bar, auto
         to_unit(images[held[:n]]), to_unit(images[train_idx[:n]]), fake, noise))
     print(f"\nquality ({n} samples, DDIM {args.sample_steps} steps; classifier accuracy on held-out real "
           f"{(c_a == labels[held[:n]]).float().mean().item():.1%}; {time.time() - t1:.0f} s):")
-    print(f"  FD(samples, real)      {frechet_distance(f_g, f_a):8.2f}")
-    print(f"  FD(real, real) floor   {frechet_distance(f_b, f_a):8.2f}")
-    print(f"  FD(noise, real) ceiling{frechet_distance(f_n, f_a):8.2f}")
+    for name, f in (("FD(samples, real)", f_g), ("FD(real, real) floor", f_b), ("FD(noise, real) ceiling", f_n)):
+        print(f"  {name:23}{frechet_distance(f, f_a):8.2f}")
     for name, c in (("samples:", c_g), ("real:   ", c_a)):
         hist = torch.bincount(c, minlength=len(classes)).tolist()
         print(f"  classes of {name} " + ", ".join(f"{k} {h}" for k, h in zip(classes, hist)))
@@ -436,10 +422,10 @@ def quality(args, ema, images, labels, classes, held, train_idx, alpha_bar, auto
 
 def save_figures(args, state, progress, x_show, x_fixed, alpha_bar, autocast):
     """04_samples.png, 04_progress.png, 04_loss.png and 04_x0_pred.png, all from the EMA model."""
-    ema, out = state["ema"].eval(), args.out
-    final = ddim_sample(ema, x_fixed, alpha_bar, args.sample_steps, args.pred, autocast).cpu()
-    grid(to_uint8(final), 8, f"04: 64 samples after {state['step']} steps (EMA, DDIM {args.sample_steps} steps)"
-         ).save(os.path.join(out, "04_samples.png"))
+    ema, out, steps = state["ema"].eval(), args.out, args.sample_steps
+    final = ddim_sample(ema, x_fixed, alpha_bar, steps, args.pred, autocast).cpu()
+    grid(to_uint8(final), 8, f"04: 64 samples after {state['step']} steps (EMA, DDIM {steps} steps)").save(
+        os.path.join(out, "04_samples.png"))
     if progress:
         grid(to_uint8(torch.cat([p for _, p in progress])), 8, "samples from the same noise during training (EMA)",
              [f"step {s}" for s, _ in progress], scale=2).save(os.path.join(out, "04_progress.png"))
@@ -466,9 +452,6 @@ def main(argv=None):
     state = new_state(args, device)
     if args.resume is not None:
         load_state(args.resume, state, args)
-        if args.rank == 0:
-            print(f"resumed {args.resume} at step {state['step']}" + (f"; it is already at --steps {args.steps}: "
-                  "pass a larger --steps" if state["step"] >= args.steps else ""))
     alpha_bar = alpha_bar_of(cosine_betas(args.T) if args.schedule == "cosine" else linear_betas(args.T)).to(device)
     net = torch.compile(state["model"]) if args.compile else state["model"]
     if args.world > 1:  # each process trains on its own shard; DDP averages the gradients
@@ -503,7 +486,7 @@ def parse_args(argv=None):
     p = Parser(description="Lesson 04: train a diffusion model on images.",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--dataset", default="shapes", help="shapes | mnist | fashion-mnist | cifar10 | folder")
+    a("--dataset", default="shapes", choices=DATASETS, help="folder: --data-dir holds one sub-folder per class")
     a("--data-dir", default="data", help="where torchvision data is downloaded, or the image folder")
     a("--image-size", type=int, default=32, help="images are resized (and centre-cropped, or padded) to this")
     a("--pred", default="v", choices=["eps", "v", "x0"], help="what the network predicts")
@@ -514,16 +497,13 @@ def parse_args(argv=None):
     a("--lr", type=float, default=1e-3)
     a("--resume", nargs="?", const="", default=None, help="continue from this checkpoint (alone: RUN_DIR/ckpt.pt)")
     a("--run-dir", default="runs/04", help="checkpoint folder (with --quick: runs/quick/04)")
-    a("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-      help="auto: bf16 autocast on CUDA and on CPUs with bf16 units, else fp32")
+    a("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 where the device has it")
     a("--compile", action="store_true", help="torch.compile the UNet (CUDA)")
     a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     a("--seed", type=int, default=0)
     a("--out", default="figures", help="folder for the figures (with --quick: runs/quick)")
     a("--quick", action="store_true", help="tiny settings for a smoke test (seconds), written under runs/quick/")
     args = p.parse_args(argv)
-    if args.dataset not in DATASETS:
-        fail(f"unknown --dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
     for name in ("steps", "batch_size", "lr"):
         if not getattr(args, name) > 0:
             fail(f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})")
@@ -542,24 +522,24 @@ def parse_args(argv=None):
 
 # %% Appendix: pieces from earlier lessons
 def linear_betas(T):
-    """Lesson 01: DDPM's schedule, beta_t linear from 1e-4 to 0.02 (float64 [T])."""
+    """DDPM's schedule: beta_t linear from 1e-4 to 0.02, float64 [T] (lesson 01)."""
     return torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
 
 
 def cosine_betas(T, s=0.008):
-    """Lesson 01: improved DDPM's schedule, alpha_bar_t = f(t)/f(0), betas clipped at 0.999 (float64 [T])."""
+    """Improved DDPM's schedule: alpha_bar_t = f(t) / f(0), betas clipped at 0.999, float64 [T] (lesson 01)."""
     steps = torch.arange(T + 1, dtype=torch.float64) / T
     f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
     return (1 - f[1:] / f[:-1]).clamp(max=0.999)
 
 
 def alpha_bar_of(betas):
-    """Lesson 01: alpha_bar_t = prod_{s<=t} (1 - beta_s)."""
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s) (lesson 01)."""
     return torch.cumprod(1 - betas, dim=0)
 
 
 def q_sample(x0, t, alpha_bar, noise):
-    """Lesson 01: x_t = sqrt(alpha_bar[t]) x0 + sqrt(1 - alpha_bar[t]) noise, for a batch of t (int64 [B])."""
+    """x_t = sqrt(alpha_bar[t]) x0 + sqrt(1 - alpha_bar[t]) noise, for int64 t [B] (lesson 01)."""
     ab = alpha_bar.to(x0.device)[t].to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))  # [B, 1, 1, 1]
     return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
@@ -573,71 +553,57 @@ POSITIONS = ("top left", "top", "top right", "left", "centre", "right",
 
 
 def shape_polygon(kind, cx, cy, r, angle):
-    """Lesson 01: vertices of a shape centred at (cx, cy) with circumradius r, rotated by angle."""
-    if kind == "square":
-        radii, k = [r] * 4, 4
-    elif kind == "triangle":
-        radii, k = [r] * 3, 3
-    elif kind == "star":
-        radii, k = [r, 0.45 * r] * 5, 10
-    else:  # cross: a plus sign, 12 vertices on two radii
-        w = 0.32 * r  # half the width of an arm
+    """Vertices of a square, triangle, star or cross centred at (cx, cy), circumradius r, rotated (lesson 01)."""
+    if kind == "cross":  # a plus sign: 12 vertices, arms of half-width w
+        w = 0.32 * r
         pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r),
                (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
         c, s = math.cos(angle), math.sin(angle)
         return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
+    radii = {"square": [r] * 4, "triangle": [r] * 3, "star": [r, 0.45 * r] * 5}[kind]
+    k = len(radii)
     return [(cx + rad * math.cos(angle + 2 * math.pi * i / k), cy + rad * math.sin(angle + 2 * math.pi * i / k))
             for i, rad in enumerate(radii)]
 
 
 def make_shapes(n, size=32, seed=0):
-    """Lesson 01: (images uint8 [n, 3, size, size], labels int64 [n] indexing SHAPES, captions), from `seed`."""
+    """(uint8 images [n, 3, size, size], labels int64 [n], captions): one anti-aliased shape each (lesson 01)."""
     rng = np.random.default_rng(seed)
-    shape_i = rng.integers(0, len(SHAPES), n)
-    color_i = rng.integers(0, len(COLORS), n)
-    size_i = rng.integers(0, len(SIZES), n)
-    pos_i = rng.integers(0, len(POSITIONS), n)
-    jitter = rng.uniform(-0.3, 0.3, (n, 2))
-    scale = rng.uniform(0.9, 1.1, n)
-    angle = rng.uniform(0, 2 * math.pi, n)
-    big = 4 * size  # drawn at 4x, then box-filtered down: anti-aliased edges
-    color_names, size_names = list(COLORS), list(SIZES)
+    shape_i, color_i, size_i, pos_i = (rng.integers(0, len(v), n) for v in (SHAPES, COLORS, SIZES, POSITIONS))
+    jitter, scale, angle = rng.uniform(-0.3, 0.3, (n, 2)), rng.uniform(0.9, 1.1, n), rng.uniform(0, 2 * math.pi, n)
+    big, color_names, size_names = 4 * size, list(COLORS), list(SIZES)
     rgb = np.array([COLORS[c] for c in color_names], dtype=np.float32)  # [6, 3]
-    masks = np.empty((n, size, size), dtype=np.float32)
-    captions = []
+    masks, captions = np.empty((n, size, size), dtype=np.float32), []
     for i in range(n):
         r = SIZES[size_names[size_i[i]]] * scale[i] * big
-        col, row = pos_i[i] % 3, pos_i[i] // 3
-        # centre: one of a 3x3 grid of cells inside [r, big - r], so the shape stays in the picture
+        col, row = pos_i[i] % 3, pos_i[i] // 3  # centre in one of a 3x3 grid of cells inside [r, big - r]
         cx = r + (col + 0.5 + jitter[i, 0]) / 3 * (big - 2 * r)
         cy = r + (row + 0.5 + jitter[i, 1]) / 3 * (big - 2 * r)
         img = Image.new("L", (big, big), 0)
-        draw = ImageDraw.Draw(img)
         kind = SHAPES[shape_i[i]]
         if kind == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+            ImageDraw.Draw(img).ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
         else:
-            draw.polygon(shape_polygon(kind, cx, cy, r, angle[i]), fill=255)
+            ImageDraw.Draw(img).polygon(shape_polygon(kind, cx, cy, r, angle[i]), fill=255)
         masks[i] = np.asarray(img.resize((size, size), Image.Resampling.BOX), dtype=np.float32) / 255
         captions.append(f"a {size_names[size_i[i]]} {color_names[color_i[i]]} {kind} "
                         f"{'in the' if pos_i[i] == 4 else 'at the'} {POSITIONS[pos_i[i]]}")
     images = masks[:, None] * rgb[color_i][:, :, None, None]  # [n, 1, H, W] * [n, 3, 1, 1] -> [n, 3, H, W]
-    images = torch.from_numpy(np.rint(images).astype(np.uint8))
-    return images, torch.from_numpy(shape_i.astype(np.int64)), captions
+    return torch.from_numpy(np.rint(images).astype(np.uint8)), torch.from_numpy(shape_i.astype(np.int64)), captions
 
 
 def to_unit(images):
-    """Lesson 01: uint8 [0, 255] -> float [-1, 1], the range diffusion models are trained in."""
+    """uint8 [0, 255] -> float [-1, 1], the range diffusion models are trained in (lesson 01)."""
     return images.float() / 127.5 - 1
 
 
 def to_uint8(x):
-    """Lesson 01: float [-1, 1] -> uint8 [0, 255] (values outside are clipped)."""
+    """float [-1, 1] -> uint8 [0, 255], values outside clipped (lesson 01)."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def timestep_embedding(t, dim):
-    """Lesson 03: t int64 [B] -> float [B, dim], sin and cos of t at frequencies from 1 to 1/10000."""
+    """t int64 [B] -> float [B, dim]: sin and cos of t at frequencies from 1 to 1/10000 (lesson 03)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]  # [B, half]
@@ -645,13 +611,11 @@ def timestep_embedding(t, dim):
 
 
 def group_norm(ch):
-    """Lesson 03: GroupNorm with up to 32 groups (fewer where the channels do not divide)."""
-    return nn.GroupNorm(math.gcd(32, ch), ch)
+    return nn.GroupNorm(math.gcd(32, ch), ch)  # 32 groups where the channels allow (lesson 03)
 
 
 class ResBlock(nn.Module):
-    """Lesson 03: skip(x) + conv(SiLU(GN(conv(SiLU(GN(x)))) * (1 + scale) + shift)), then optional attention."""
-
+    """skip(x) + conv(SiLU(GN(conv(SiLU(GN(x)))) * (1 + scale) + shift)), then optional attention (lesson 03)."""
     def __init__(self, c_in, c_out, emb_dim, dropout=0.0, attn_heads=0):
         super().__init__()
         self.norm1 = group_norm(c_in)
@@ -663,25 +627,21 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         self.attn = Attention(c_out, attn_heads) if attn_heads else nn.Identity()
 
-    def forward(self, x, emb):  # (B, C_in, H, W) -> (B, C_out, H, W)
+    def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # 2 x [B, C_out, 1, 1]
         h = self.norm2(h) * (1 + scale) + shift
-        h = self.conv2(self.dropout(F.silu(h)))
-        return self.attn(self.skip(x) + h)
+        return self.attn(self.skip(x) + self.conv2(self.dropout(F.silu(h))))
 
 
 class Attention(nn.Module):
-    """Lesson 03: multi-head self-attention among the H*W positions of a feature map, with a residual."""
-
+    """Multi-head self-attention among the H*W positions of a feature map, with a residual (lesson 03)."""
     def __init__(self, ch, heads=4):
         super().__init__()
         if ch % heads:
             raise ValueError(f"attention channels ({ch}) must be divisible by heads ({heads})")
-        self.heads = heads
-        self.norm = group_norm(ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj = nn.Conv2d(ch, ch, 1)
+        self.heads, self.norm = heads, group_norm(ch)
+        self.qkv, self.proj = nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
 
     def forward(self, x):
         B, C, H, W = x.shape
@@ -692,8 +652,7 @@ class Attention(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Lesson 03: (B, C, H, W) -> (B, C, H/2, W/2) with a stride-2 3x3 conv."""
-
+    """(B, C, H, W) -> (B, C, H/2, W/2) with a stride-2 3x3 conv (lesson 03)."""
     def __init__(self, ch):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
@@ -703,8 +662,7 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Lesson 03: (B, C, H, W) -> (B, C, 2H, 2W): nearest-neighbour, then a 3x3 conv."""
-
+    """(B, C, H, W) -> (B, C, 2H, 2W): nearest-neighbour, then a 3x3 conv (lesson 03)."""
     def __init__(self, ch):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
@@ -714,18 +672,14 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """Lesson 03: eps_theta(x_t, t), (B, in_ch, H, W) and int64 [B] -> (B, out_ch, H, W)."""
-
+    """eps_theta(x_t, t): (B, in_ch, H, W), int64 [B] -> (B, out_ch, H, W) (lesson 03)."""
     def __init__(self, in_ch=3, out_ch=None, base_ch=32, ch_mult=(1, 2, 2), num_res_blocks=2,
                  attn_levels=(2,), dropout=0.0, heads=4):
         super().__init__()
-        out_ch = out_ch or in_ch
-        self.base_ch, self.levels = base_ch, len(ch_mult)
-        emb_dim = 4 * base_ch
+        self.base_ch, self.levels, emb_dim = base_ch, len(ch_mult), 4 * base_ch
         self.time_mlp = nn.Sequential(nn.Linear(base_ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(in_ch, base_ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        chans, ch = [base_ch], base_ch  # channels of every skip, in the order they are saved
+        self.down, chans, ch = nn.ModuleList(), [base_ch], base_ch  # chans: every skip's channels, in order
         for level, mult in enumerate(ch_mult):
             for _ in range(num_res_blocks):
                 self.down.append(ResBlock(ch, base_ch * mult, emb_dim, dropout, heads * (level in attn_levels)))
@@ -744,7 +698,7 @@ class UNet(nn.Module):
             if level > 0:
                 self.up.append(Upsample(ch))
         self.norm_out = group_norm(ch)
-        self.conv_out = nn.Conv2d(ch, out_ch, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch, out_ch or in_ch, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # the untrained net predicts eps = 0: loss starts at E[eps^2] = 1
         nn.init.zeros_(self.conv_out.bias)
 
@@ -771,21 +725,20 @@ class UNet(nn.Module):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a user's mistake in one line and exits with status 2."""
-
+    """argparse that reports a user's mistake in one line and exits with status 2 (the course's CLI)."""
     def error(self, message):
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
 
 def fail(message):
-    """One line naming the fix, exit status 2, no traceback."""
+    """One line naming the fix, exit status 2, no traceback (the course's CLI)."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
 def pick_device(name):
-    """auto: cuda, then mps, then cpu; a device that is not there exits 2."""
+    """auto: cuda, then mps, then cpu; a device that is not there exits 2 (the course's CLI)."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
@@ -794,6 +747,7 @@ def pick_device(name):
     return torch.device(name)
 
 
+# The course's drawing kit (PIL: matplotlib is not a dependency); ticks on a log axis is 04's addition to it
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207)]
 
 
