@@ -1,7 +1,7 @@
 """Lesson 06: conditioning. Class labels, guidance and text, trained from scratch on a CPU.
 
 How to ask a diffusion model for *something*: a class ("a star") or a sentence ("a small red triangle at
-the top left"), and what guidance trades for it. The pieces of 01-05 it reuses are in the appendix.
+the top left"), and what guidance trades for it. What it reuses from 01-05 is in the appendix.
 
 1. Class labels: a label embedding is added to the time embedding, so every residual block's scale and
    shift depend on (t, y). Its extra row is the null label; label dropout (probability P_UNCOND) trains
@@ -15,19 +15,18 @@ the top left"), and what guidance trades for it. The pieces of 01-05 it reuses a
 4. The trade-off, measured for both methods at their own scales: class accuracy of the samples (a clean
    classifier judges them) and their Frechet distance to real images on its features (as in 04).
 5. Text: a word-level tokenizer over the shapes' captions, a small transformer encoder trained with the
-   UNet by the diffusion loss alone, cross-attention from the UNet's 8x8 features to the tokens,
-   softmax(Q K^T / sqrt(d) + mask) V with padding masked out, and the mean token feature added to the
-   time embedding. Pairs held out of its captions (HOLDOUT) test whether words compose. It trains with
-   the plain v loss (--text-loss-weight), as min-SNR (the class model's) starves the noisiest steps,
-   where colour is decided.
+   UNet by the diffusion loss alone, cross-attention softmax(Q K^T / sqrt(d) + mask) V from the UNet's
+   8x8 features to the tokens (padding masked out), and the mean token feature added to the time
+   embedding. Pairs held out of its captions (HOLDOUT) test whether words compose. It trains with the
+   plain v loss (--text-loss-weight): min-SNR starves the noisiest steps, where colour is decided.
 
     python 06_condition.py                                # everything (budget: 20 min on a 2-core CPU)
     python 06_condition.py --prompt "a large green star"  # draw from a caption (reuses runs/06/text.pt)
     python 06_condition.py --quick                        # seconds: a smoke test, written to runs/quick/
 
 Models are saved in runs/06 and reused by a later run with the same settings (--retrain trains again).
-Writes figures/06_cfg_grid.png, 06_classifier_guidance.png, 06_tradeoff.png, 06_text_grid.png and
-06_loss.png (06_prompt.png with --prompt); prints the guidance table and the text accuracy table.
+Writes figures/06_cfg_grid.png, 06_classifier_guidance.png, 06_tradeoff.png, 06_text_grid.png, 06_loss.png
+(06_prompt.png with --prompt); prints the guidance table and the text accuracy table.
 """
 import argparse
 import copy
@@ -50,6 +49,8 @@ CLASS_LOSS_WEIGHT = "min-snr"  # the class model's loss weight (the text model's
 LR, EMA_DECAY, P_UNCOND = 1e-3, 0.999, 0.1  # P_UNCOND: label dropout, the chance of the null condition
 TEXT_INIT = "class"  # "class": the text UNet starts as the class model's unconditional half; or "scratch"
 TEXT_SCALE = 3.0  # classifier-free guidance scale for text
+PAD, START = "<pad>", "<start>"  # the tokenizer's ids 0 and 1
+CAPTION_KEEP = (0.5, 0.85, 0.85, 0.5)  # in training, keep a caption's size, colour, shape, place with these odds
 HOLDOUT = [("red", "star"), ("green", "circle"), ("blue", "cross"), ("yellow", "triangle"), ("magenta", "square")]
 SETTINGS = dict(n_shapes=10_000, base_ch=24, batch_size=32, warmup=100,  # --quick swaps in QUICK's
                 text_steps=900, text_width=64, text_layers=2,  # text model: steps, encoder width and layers
@@ -62,28 +63,18 @@ QUICK = dict(n_shapes=1000, base_ch=16, batch_size=8, warmup=4, text_steps=12, t
 
 
 # %% Class labels, and label dropout to train the null label
-# UNet(num_classes=K) (lesson 03's, in the appendix) adds label_emb(y), an nn.Embedding(K + 1, emb_dim), to
-# the time embedding: emb = time_mlp(timestep_embedding(t)) + label_emb(y). Row K means "no condition".
-# train_diffusion (04's training loop, in the appendix) passes every batch's labels through drop_condition.
+# UNet(num_classes=K) adds label_emb(y), an nn.Embedding(K + 1, emb_dim), to the time embedding; row K is
+# "no condition". train_diffusion (04's loop, in the appendix) passes every batch through drop_condition.
 def drop_condition(y, y_null, p, gen):
-    """Replace each sample's condition by the null one with probability p: labels [B] (y_null a scalar
-    tensor) or tokens [B, L] (y_null [L], the empty caption)."""
+    """Each condition -> the null one with probability p: labels [B] (y_null scalar) or tokens [B, L] (y_null [L])."""
     drop = (torch.rand(len(y), generator=gen) < p).to(y.device).view(-1, *([1] * (y.dim() - 1)))
     return torch.where(drop, y_null.to(y.device), y)
 
 
 # %% Classifier-free guidance (Ho & Salimans 2022)
 def guided_eps(model, x, t, y, scale, y_null=None):
-    """Classifier-free guidance: out = out_uncond + scale (out_cond - out_uncond).
-
-    Returns the guided output in the model's own parametrisation: v for our PRED = "v" (eps for an
-    eps model); to_eps_x0 turns it into eps. This is allowed because eps = sqrt(1 - ab) x_t + sqrt(ab) v is
-    affine in v with coefficients fixed by (x_t, t), and an affine map commutes with the combination
-    above (its weights 1 - s and s sum to one): guiding v and guiding eps give the same eps.
-    Conditional and unconditional outputs come from one forward pass over the doubled batch; scales 0 and
-    1 need only one half, and return exactly the unconditional or the conditional output.
-    y: labels int64 [B] (y_null defaults to the null label model.num_classes) or tokens [B, L].
-    """
+    """out_u + scale (out_c - out_u) in the model's own output (v: guiding v is guiding eps, which is affine in v
+    at fixed x_t). One pass over a doubled batch; scales 0 and 1 return exactly out_u or out_c."""
     if y_null is None:
         y_null = torch.full_like(y, model.num_classes)
     if scale == 0:
@@ -96,8 +87,7 @@ def guided_eps(model, x, t, y, scale, y_null=None):
 
 # %% Classifier guidance (Dhariwal & Nichol 2021): a classifier of noisy images steers an unconditional model
 class NoisyClassifier(nn.Module):
-    """p(y | x_t, t): 04's Classifier plus the timestep, as a learned per-channel shift after each GroupNorm
-    (the same x_t means different things at different t), zero at first: a clean Classifier is the start."""
+    """p(y | x_t, t): 04's Classifier plus a per-channel shift by t after each GroupNorm, zero at first."""
 
     def __init__(self, in_ch, n_classes):
         super().__init__()
@@ -138,10 +128,8 @@ def train_noisy_classifier(images, labels, n_classes, alpha_bar, device, steps, 
 
 
 def classifier_guided_eps(model, clf, x, t, y, scale, alpha_bar):
-    """eps_hat = eps(x_t, t, null) - scale sqrt(1 - ab_t) grad_x log p(y | x_t, t)   (Dhariwal & Nichol, eq. 14).
-
-    eps = -sqrt(1 - ab) grad log p(x_t), so this is the score of p(x_t) p(y | x_t)^scale: p(x_t | y) at
-    scale 1. The unconditional model is the class model with the null label. Returns eps (not v)."""
+    """eps(x_t, t, null) - scale sqrt(1 - ab_t) grad_x log p(y | x_t, t), the score of p(x_t) p(y | x_t)^scale
+    (eps = -sqrt(1 - ab) grad log p(x_t); Dhariwal & Nichol, eq. 14). Returns eps, not v."""
     ab = alpha_bar[t].to(x.device, torch.float32).view(-1, 1, 1, 1)
     eps, _ = to_eps_x0(PRED, model(x, t, torch.full_like(y, model.num_classes)).float(), x, ab)
     if scale == 0:
@@ -153,36 +141,12 @@ def classifier_guided_eps(model, clf, x, t, y, scale, alpha_bar):
     return eps - scale * (1 - ab).sqrt() * grad
 
 
-# %% Measuring samples: class accuracy and Frechet distance (04's judge), and a shape's colour from its pixels
-def judge(clf, x, y, real_feats):
-    """-> (accuracy, per-class accuracies, FD against real_feats) of samples x asked to be classes y."""
-    feats, pred = features_and_classes(clf, x, next(clf.parameters()).device)
-    per_class = [(pred[y == c] == c).float().mean().item() for c in y.unique().tolist()]
-    return (pred == y).float().mean().item(), per_class, frechet_distance(feats, real_feats)
-
-
-def colour_of(x):
-    """float [-1, 1] [B, 3, H, W] -> index [B] into COLORS: the mean RGB of the pixels at least half as bright
-    as the brightest, matched to the palette by direction (cosine), so a dim shape still gets its hue."""
-    u = (x.clamp(-1, 1) + 1) / 2
-    bright = u.amax(1)  # [B, H, W]
-    mask = (bright >= 0.5 * bright.flatten(1).amax(1).view(-1, 1, 1)).float()
-    mean = (u * mask[:, None]).sum((2, 3)) / mask.sum((1, 2))[:, None]  # [B, 3]
-    rgb = torch.tensor(list(COLORS.values()), dtype=torch.float32)  # [6, 3]
-    return F.cosine_similarity(mean[:, None], rgb[None], dim=2).argmax(1)
-
-
 # %% Text: captions as tokens, a small transformer encoder, cross-attention
-PAD, START = "<pad>", "<start>"  # ids 0 and 1
-
-
 def caption_variant(caption, keep):
-    """'a small red star at the top left' with parts left out; keep = 4 flags for (size, colour, shape,
-    position). Training on such variants lets a short prompt ('a green star') mean what it says."""
+    """The caption without the parts whose keep flag is off: trained on these, 'a green star' means what it says."""
     w = caption.split()
-    parts = [["a"], w[1:2] if keep[0] else [], w[2:3] if keep[1] else [], w[3:4] if keep[2] else [],
-             w[4:] if keep[3] else []]
-    return " ".join(word for part in parts for word in part)
+    parts = [w[1:2], w[2:3], w[3:4], w[4:]]  # size, colour, shape, position
+    return " ".join(["a"] + [word for part, k in zip(parts, keep) if k for word in part])
 
 
 def text_training_set(captions, idx, holdout):
@@ -192,8 +156,7 @@ def text_training_set(captions, idx, holdout):
 
 
 class Tokenizer:
-    """Words <-> ids. A caption becomes [START, w_1, ..., w_k, PAD, ...] of one fixed length; START is never
-    padding, so the empty caption (the null condition) has one real token for cross-attention to see."""
+    """Words -> [START, w_1, ..., w_k, PAD, ...]; the empty caption (the null condition) keeps START to attend to."""
 
     def __init__(self, captions):
         self.words = sorted({w for c in captions for w in c.split()})
@@ -216,8 +179,7 @@ class Tokenizer:
 
 
 class TextEncoder(nn.Module):
-    """tokens int64 [B, L] -> (features [B, L, width], mask bool [B, L], True = real token): token plus
-    position embeddings, then pre-norm transformer layers with padding masked as a key."""
+    """tokens [B, L] -> (features [B, L, width], mask [B, L]): pre-norm transformer layers, padding masked."""
 
     def __init__(self, vocab_size, length, width=64, layers=2, heads=4):
         super().__init__()
@@ -235,8 +197,7 @@ class TextEncoder(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Pixels (queries) attend to text tokens (keys and values), padding masked out; the UNet with ctx_dim > 0
-    has one after each self-attention. x (B, C, H, W), ctx (B, L, ctx_dim), ctx_mask bool (B, L) -> like x."""
+    """Pixels (queries) attend to tokens (keys, values), padding masked: x (B, C, H, W), ctx (B, L, D) -> like x."""
 
     def __init__(self, ch, ctx_dim, heads=4):
         super().__init__()
@@ -255,9 +216,8 @@ class CrossAttention(nn.Module):
 
 
 class TextToImage(nn.Module):
-    """model(x_t, t, tokens): words reach the UNet through cross-attention, and the whole caption (the mean
-    of its tokens' features) through the label_emb slot (as in Imagen and SDXL), so every block's scale and
-    shift, where colour is set: cross-attention alone learned the shapes, not their colours."""
+    """model(x_t, t, tokens): words through cross-attention, the whole caption (mean token feature) through the
+    label_emb slot into every block's scale and shift, where colour is set (as in Imagen and SDXL)."""
 
     def __init__(self, unet, encoder):
         super().__init__()
@@ -272,9 +232,7 @@ class TextToImage(nn.Module):
 
 @torch.no_grad()
 def warm_start(text_unet, class_unet):
-    """The text UNet starts as the class model's unconditional half: its weights, the pooled map's bias set
-    to the null label's embedding, and the new layers' outputs zeroed, so at step 0 it computes exactly
-    eps(x_t, t, null) and learns only what the words add (as ControlNet does)."""
+    """Start the text UNet as the class model with the null label: new layers zeroed, as ControlNet does."""
     state = {k: v for k, v in class_unet.state_dict().items() if not k.startswith("label_emb")}
     missing, unexpected = text_unet.load_state_dict(state, strict=False)
     assert not unexpected and all(".cross." in k or k.startswith("label_emb") for k in missing), missing
@@ -287,16 +245,6 @@ def warm_start(text_unet, class_unet):
 
 
 # %% The models, trained or reused from the run folder
-def batch(gen, data, idx, batch_size, tokenizer=None):
-    """x_0 in [-1, 1] from idx, and labels, or tokens of captions with parts dropped at random (size and
-    place half the time, colour or shape 15%)."""
-    idx = idx[torch.randint(len(idx), (batch_size,), generator=gen)]
-    if tokenizer is None:
-        return to_unit(data[0][idx]), data[1][idx]
-    keep = (torch.rand(len(idx), 4, generator=gen) < torch.tensor([0.5, 0.85, 0.85, 0.5])).tolist()
-    return to_unit(data[0][idx]), tokenizer.encode([caption_variant(data[2][i], k) for i, k in zip(idx.tolist(), keep)])
-
-
 def class_model(args, data, train_idx, alpha_bar, autocast):
     """The class-conditional UNet -> (model, config, training log)."""
     torch.manual_seed(args.seed)
@@ -334,30 +282,8 @@ def text_model(args, class_unet, class_config, data, train_idx, tokenizer, alpha
     return model.eval().requires_grad_(False), log, y_null
 
 
-def classifiers(args, data, train_idx, alpha_bar):
-    """p(y | x_t, t) for classifier guidance, and a clean classifier that judges samples (accuracy, FD)."""
-    images, labels, device, K = data[0][train_idx], data[1][train_idx], alpha_bar.device, len(SHAPES)
-    noisy = NoisyClassifier(3, K).to(device)
-    train_or_load(os.path.join(args.run_dir, "noisy_classifier.pt"), dict(
-        what="noisy", n_images=len(data[0]), seed=args.seed, steps=args.noisy_clf_steps), noisy, lambda: dict(
-        model=train_noisy_classifier(images, labels, K, alpha_bar, device, args.noisy_clf_steps, args.seed)
-        .state_dict(), step=args.noisy_clf_steps), args.retrain)
-    clf = Classifier(3, K).to(device)
-    train_or_load(os.path.join(args.run_dir, "classifier.pt"), dict(
-        what="judge", n_images=len(data[0]), seed=args.seed, steps=args.clf_steps), clf, lambda: dict(
-        model=train_classifier(images, labels, K, device, args.clf_steps, args.seed).state_dict(),
-        step=args.clf_steps), args.retrain)
-    return noisy.eval().requires_grad_(False), clf.eval()
-
-
-def text_sample(args, model, y_null, tokens, alpha_bar, autocast, seed):
-    """Images for tokens [N, L], classifier-free guided at TEXT_SCALE, from the noise of seed."""
-    noise = torch.randn(len(tokens), 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-    return sample(lambda x, t, c: guided_eps(model, x, t, c, TEXT_SCALE, y_null.to(x.device).expand(len(c), -1)),
-                  noise, tokens, alpha_bar, args.sample_steps, PRED, autocast)
-
-
 # %% Experiment 1: guidance measured, both methods, the same noises at every scale
+@torch.no_grad()
 def guidance_table(args, unet, noisy, clf, data, held, train_idx, alpha_bar, autocast):
     """Prints the judge, the noisy classifier by t and the table -> (samples, results, FD floor)."""
     t1, device, K, epc = time.time(), alpha_bar.device, len(SHAPES), args.eval_per_class
@@ -366,8 +292,7 @@ def guidance_table(args, unet, noisy, clf, data, held, train_idx, alpha_bar, aut
     g, x0, acc_by_t = torch.Generator().manual_seed(args.seed + 5), real[:500].to(device), {}
     for t in (0, 250, 500, 750, 900):  # the noisy classifier's accuracy on held-out x_t, by t
         tt = torch.full((len(x0),), t, device=device)
-        with torch.no_grad():
-            said = noisy(q_sample(x0, tt, alpha_bar, torch.randn(x0.shape, generator=g).to(device)), tt).argmax(1)
+        said = noisy(q_sample(x0, tt, alpha_bar, torch.randn(x0.shape, generator=g).to(device)), tt).argmax(1)
         acc_by_t[t] = (said.cpu() == y_real[:len(x0)]).float().mean().item()
     floor = frechet_distance(features_and_classes(clf, to_unit(data[0][train_idx[:epc * K]]), device)[0], real_feats)
     ceiling = frechet_distance(features_and_classes(clf, torch.randn(real.shape, generator=g).clamp(-1, 1),
@@ -376,18 +301,13 @@ def guidance_table(args, unet, noisy, clf, data, held, train_idx, alpha_bar, aut
           f"by t: " + ", ".join(f"t={t} {a:.0%}" for t, a in acc_by_t.items()) + f" | {time.time() - t1:.0f} s")
     t1, y = time.time(), torch.arange(K).repeat_interleave(epc)  # class-major labels [K * epc]
     noise = torch.randn(epc * K, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed + 777))
-    samples, res = {"classifier-free": {}, "classifier": {}}, {"classifier-free": {}, "classifier": {}}
-    for name, scales in (("classifier-free", args.scales), ("classifier", args.cg_scales)):
-        for s in scales:
-            if s == 0 and 0 in samples["classifier-free"]:  # scale 0 is the unconditional model for both
-                samples[name][s] = samples["classifier-free"][s]
-            elif name == "classifier-free":  # the network's output (v) guided
-                samples[name][s] = sample(lambda x, t, c: guided_eps(unet, x, t, c, s), noise, y, alpha_bar,
-                                          args.sample_steps, PRED, autocast)
-            else:  # eps, pushed along the noisy classifier's gradient
-                samples[name][s] = sample(lambda x, t, c: classifier_guided_eps(unet, noisy, x, t, c, s, alpha_bar),
-                                          noise, y, alpha_bar, args.sample_steps, "eps", autocast)
-            res[name][s] = judge(clf, samples[name][s], y, real_feats)
+    cfg = {s: sample(lambda x, t, c: guided_eps(unet, x, t, c, s), noise, y, alpha_bar, args.sample_steps, PRED,
+                     autocast) for s in args.scales}  # the network's output (v) guided
+    cg = {s: cfg[0] if s == 0 and 0 in cfg else sample(  # eps, pushed along the noisy classifier's gradient
+        lambda x, t, c: classifier_guided_eps(unet, noisy, x, t, c, s, alpha_bar), noise, y, alpha_bar,
+        args.sample_steps, "eps", autocast) for s in args.cg_scales}  # (scale 0: the unconditional model, as CFG's)
+    samples = {"classifier-free": cfg, "classifier": cg}
+    res = {name: {s: judge(clf, x, y, real_feats) for s, x in samples[name].items()} for name in samples}
     print(f"\nguidance measured ({epc} samples per class and scale, DDIM {args.sample_steps} steps; "
           f"{time.time() - t1:.0f} s). FD floor (real vs real) {floor:.2f}, ceiling (noise) {ceiling:.1f}")
     print(f"{'method':>15} {'scale':>6} {'accuracy':>9} {'worst class':>12} {'FD':>7} {'guide says':>11}")
@@ -395,12 +315,11 @@ def guidance_table(args, unet, noisy, clf, data, held, train_idx, alpha_bar, aut
         for s, (acc, per, fd) in res[name].items():
             guide = ""
             if name == "classifier":  # how often the guiding classifier itself sees the class it pushed towards
-                with torch.no_grad():
-                    x = samples[name][s].to(device)
-                    said = noisy(x, torch.zeros(len(x), dtype=torch.long, device=device)).argmax(1).cpu()
+                x = samples[name][s].to(device)
+                said = noisy(x, torch.zeros(len(x), dtype=torch.long, device=device)).argmax(1).cpu()
                 guide = f"{(said == y).float().mean():11.1%}"
             print(f"{name:>15} {s:6g} {acc:9.1%} {min(per):12.1%} {fd:7.2f} {guide}")
-    if 3.0 in res["classifier-free"]:
+    if 3.0 in cfg:
         per = res["classifier-free"][3.0][1]
         print(f"target (CFG scale 3, every class >= 95%): {'met' if min(per) >= 0.95 - 1e-6 else 'NOT met'}: "
               + ", ".join(f"{c} {a:.0%}" for c, a in zip(SHAPES, per)))
@@ -416,31 +335,7 @@ def save_guidance_figures(out, samples, res, floor, epc):
                  + (" and in 06_cfg_grid.png)" if name == "classifier" else ")"))
         grid(to_uint8(x), m * len(samples[name]), title, row_labels=SHAPES,
              col_labels=[f"s = {s:g}" for s in samples[name]], scale=2).save(os.path.join(out, file))
-    acc = {n: [100 * r[0] for r in res[n].values()] for n in res}
-    fd = {n: [r[2] for r in res[n].values()] for n in res}
-    positive = [s for n in res for s in res[n] if s > 0] or [1.0]
-    logx = max(positive) / min(positive) > 20  # scales spanning decades: a log axis, with 0 at its left edge
-    left, fds = min(positive) / 2 if logx else 0, [v for n in res for v in fd[n]] + [floor]
-    acc_lim, fd_lim = (max(0, min(min(a) for a in acc.values()) - 5), 100), (min(fds) * 0.7, max(fds) * 1.5)
-    xlim, xlabel = (left, max(positive)), "guidance scale" + " (log; 0 drawn at the left edge)" * logx
-    panels = [axes(xlim, acc_lim, "class accuracy of the samples", xlabel, "accuracy (%)", logx),
-              axes(xlim, fd_lim, "Frechet distance to real images", xlabel, "FD (log)", logx, True),
-              axes(fd_lim, acc_lim, "the trade-off (labels: scale)", "FD (log)", "accuracy (%)", True)]
-    panels[1][1].line([panels[1][2](x, floor) for x in xlim], fill=PALETTE[2], width=2)
-    for c, n in enumerate(res):
-        xs = [max(s, left) for s in res[n]]
-        for k, (_, d, to_px) in enumerate(panels):
-            pts = [to_px(*p) for p in zip(*((xs, acc[n]), (xs, fd[n]), (fd[n], acc[n]))[k])]
-            d.line(pts, fill=PALETTE[c], width=2)
-            for (px, py), s in zip(pts, res[n]):
-                d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=PALETTE[c])
-                if k == 2:
-                    d.text((px + 5, py - 3), f"{s:g}", fill=PALETTE[c], font=font(11), anchor="ld")
-    legend = Image.new("RGB", (240, 360), "white")
-    for c, label in enumerate([f"{n} guidance" for n in res] + ["real vs real (the FD floor)"]):
-        ImageDraw.Draw(legend).line([(0, 70 + 22 * c), (30, 70 + 22 * c)], fill=PALETTE[c], width=3)
-        ImageDraw.Draw(legend).text((36, 70 + 22 * c), label, fill="black", font=font(14), anchor="lm")
-    save_row(os.path.join(out, "06_tradeoff.png"), [p[0] for p in panels] + [legend])
+    save_tradeoff(os.path.join(out, "06_tradeoff.png"), res, floor)
 
 
 # %% Experiment 2: text, on the colour-shape pairs it saw and on the held-out ones
@@ -471,6 +366,7 @@ def text_table(args, model, y_null, clf, data, held, tokenizer, alpha_bar, autoc
 
 
 def save_text_grid(args, model, y_null, tokenizer, alpha_bar, autocast):
+    """06_text_grid.png: a row of grid_cols samples per prompt, the held-out pairs marked."""
     shows = ["a large blue star", "a small yellow circle at the top left", "a red square in the centre",
              "a cyan triangle at the bottom", "a green cross at the right"] + [f"a {c} {s}" for c, s in HOLDOUT]
     x = text_sample(args, model, y_null, tokenizer.encode([p for p in shows for _ in range(args.grid_cols)]),
@@ -480,26 +376,11 @@ def save_text_grid(args, model, y_null, tokenizer, alpha_bar, autocast):
          row_labels=rows).save(os.path.join(args.out, "06_text_grid.png"))
 
 
-def save_losses(path, logs):
-    """The training losses, each averaged over windows of len // 100 steps, on a log axis."""
-    series = []
-    for name, losses in logs:
-        k = max(1, len(losses) // 100)
-        n = len(losses) // k
-        series.append((name, [i * k + k for i in range(n)], [sum(losses[i * k:(i + 1) * k]) / k for i in range(n)]))
-    ys = [y for _, _, s in series for y in s]
-    line_plot(series, "training loss (mean over steps)", "step", "loss (log)", logy=True,
-              ylim=(min(ys) * 0.8, max(ys) * 1.25), size=(620, 430)).save(path)
-
-
 # %% Main: the class model, the two classifiers, guidance measured; then the text model
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    bf16 = bf16_supported(device)  # bf16 autocast on CUDA and on CPUs with bf16 units, else fp32
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    autocast, precision = autocast_for(device)
     t_start = time.time()
     data = make_shapes(args.n_shapes, seed=args.seed)  # (images uint8 [N, 3, 32, 32], labels [N], captions)
     tokenizer = Tokenizer(data[2])
@@ -514,7 +395,7 @@ def main(argv=None):
     os.makedirs(args.run_dir, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)
     print(f"shapes: {len(train_idx)} training images (3, 32, 32), {len(SHAPES)} classes, {n_hold} held out | "
-          f"{device}, {'bf16 autocast' if bf16 else 'fp32'} | pred {PRED}, cosine schedule")
+          f"{device}, {precision} | pred {PRED}, cosine schedule")
     unet, class_config, class_log = class_model(args, data, train_idx, alpha_bar, autocast)
     if args.prompt is not None:  # only draw from one caption
         text, _, y_null = text_model(args, unet, class_config, data, train_idx, tokenizer, alpha_bar, autocast)
@@ -529,11 +410,9 @@ def main(argv=None):
     text, text_log, y_null = text_model(args, unet, class_config, data, train_idx, tokenizer, alpha_bar, autocast)
     text_table(args, text, y_null, clf, data, held, tokenizer, alpha_bar, autocast)
     save_text_grid(args, text, y_null, tokenizer, alpha_bar, autocast)
-    weighted = {"min-snr": "min-SNR v", "none": "plain v"}
-    logs = [(f"class: {weighted[CLASS_LOSS_WEIGHT]}", class_log.get("losses", [])),
-            (f"text: {weighted[args.text_loss_weight]}", text_log.get("losses", []))]
-    if all(losses for _, losses in logs):  # (a reused model has its log)
-        save_losses(os.path.join(args.out, "06_loss.png"), logs)
+    if class_log.get("losses") and text_log.get("losses"):  # (a reused model has its log)
+        save_losses(os.path.join(args.out, "06_loss.png"), class_log["losses"], text_log["losses"],
+                    args.text_loss_weight)
     print(f"total {(time.time() - t_start) / 60:.1f} min; wrote 06_cfg_grid.png, 06_classifier_guidance.png, "
           f"06_tradeoff.png, 06_text_grid.png, 06_loss.png to {args.out}/")
 
@@ -545,8 +424,7 @@ def parse_args(argv=None):
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--steps", type=int, default=3200, help="training steps of the class-conditional UNet")
-    a("--scales", type=scale_list, default="0,1,2,3,5,7.5", help="classifier-free guidance scales (0: unconditional, "
-      "1: conditional)")
+    a("--scales", type=scale_list, default="0,1,2,3,5,7.5", help="CFG scales (0: unconditional, 1: conditional)")
     a("--cg-scales", type=scale_list, default="0,1,3,10,30,100", help="classifier-guidance scales (other units)")
     a("--text-loss-weight", default="none", choices=["none", "min-snr"],
       help="the text model's loss weight (min-SNR starves the noisiest steps, where colour is decided)")
@@ -561,8 +439,8 @@ def parse_args(argv=None):
     if args.steps <= 0:
         fail(f"--steps must be positive (got {args.steps})")
     vars(args).update(QUICK if args.quick else SETTINGS)
-    args.steps = min(args.steps, 12) if args.quick else args.steps
-    if args.quick:  # a smoke test never writes over the default figures and models
+    if args.quick:  # tiny settings; a smoke test never writes over the default figures and models
+        args.steps = min(args.steps, 12)
         args.out = "runs/quick" if args.out == "figures" else args.out
         args.run_dir = os.path.join("runs", "quick", "06") if args.run_dir == "runs/06" else args.run_dir
     return args
@@ -637,46 +515,43 @@ def sample(fn, noise, cond, alpha_bar, steps, pred, autocast, batch=100):
     return torch.cat(out)
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a user's mistake in one line and exits with status 2 (lesson 01)."""
-
-    def error(self, message):
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def scale_list(text):
-    """argparse type: '0,1,3' -> [0.0, 1.0, 3.0]; anything else is a one-line error."""
-    try:
-        values = [float(s) for s in text.split(",")]
-    except ValueError:
-        values = [-1.0]
-    if any(s < 0 or not math.isfinite(s) for s in values):
-        raise argparse.ArgumentTypeError(f"must be numbers >= 0 separated by commas, like 0,1,3 (got {text!r})")
-    return values
+@torch.no_grad()
+def ddim_sample(model, x_T, alpha_bar, steps, pred, autocast=nullcontext):
+    """Deterministic DDIM (lesson 04): x_T -> x_0 through t_i = round(i (T-1) / (steps-1)), then t = 0 -> x_0."""
+    ts = torch.linspace(len(alpha_bar) - 1, 0, steps).round().long().tolist()
+    x = x_T
+    for i, t in enumerate(ts):
+        ab = alpha_bar[t].to(x.device, torch.float32).view(1, 1, 1, 1)
+        with autocast():
+            out = model(x, torch.full((len(x),), t, device=x.device, dtype=torch.long))
+        eps, x0 = to_eps_x0(pred, out.float(), x, ab)
+        x0 = x0.clamp(-1, 1)
+        eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # keep eps consistent with the clipped x0
+        ab_next = alpha_bar[ts[i + 1]].item() if i + 1 < len(ts) else 1.0  # the last step lands on x_0
+        x = math.sqrt(ab_next) * x0 + math.sqrt(1 - ab_next) * eps
+    return x
 
 
-def fail(message):
-    """One line naming the fix, exit status 2, no traceback (lesson 01)."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+def target_of(pred, x0, eps, ab):
+    """The regression target for pred; ab = alpha_bar_t as [B, 1, 1, 1] (lesson 04)."""
+    return {"eps": eps, "x0": x0}[pred] if pred != "v" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
 
 
-def pick_device(name):
-    """auto: cuda, then mps, then cpu; a device that is not there is a one-line error (lesson 01)."""
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not mps):
-        fail(f"--device {name} was asked for but it is not available; use --device cpu (or auto)")
-    return torch.device(name)
+def to_eps_x0(pred, out, x_t, ab):
+    """The network's output -> (eps_hat, x0_hat), whatever it predicts (lesson 04)."""
+    if pred == "eps":
+        return out, (x_t - (1 - ab).sqrt() * out) / ab.sqrt()
+    if pred == "x0":
+        return (x_t - ab.sqrt() * out) / (1 - ab).sqrt(), out
+    return (1 - ab).sqrt() * x_t + ab.sqrt() * out, ab.sqrt() * x_t - (1 - ab).sqrt() * out  # from v
 
 
-def bf16_supported(device):
-    """bf16 autocast pays on CUDA and on CPUs with bf16 units (lesson 04)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+def loss_weight(kind, pred, ab, gamma=5.0):
+    """Per-sample weight: 1, or min-SNR-gamma for the target pred (Hang et al. 2023; lesson 04)."""
+    if kind == "none":
+        return torch.ones_like(ab)
+    snr = ab / (1 - ab)
+    return {"eps": snr.clamp(max=gamma) / snr, "x0": snr.clamp(max=gamma), "v": snr.clamp(max=gamma) / (snr + 1)}[pred]
 
 
 def cosine_betas(T, s=0.008):
@@ -695,78 +570,6 @@ def q_sample(x0, t, alpha_bar, noise):
     """x_t = sqrt(alpha_bar[t]) x0 + sqrt(1 - alpha_bar[t]) noise, for a batch of t (lesson 01)."""
     ab = alpha_bar.to(x0.device)[t].to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))  # [B, 1, 1, 1]
     return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-
-
-SHAPES = ("circle", "square", "triangle", "star", "cross")
-COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240),
-          "yellow": (240, 220, 40), "magenta": (220, 50, 220), "cyan": (40, 220, 230)}
-SIZES = {"small": 0.20, "medium": 0.28, "large": 0.36}  # radius as a fraction of the image side
-POSITIONS = ("top left", "top", "top right", "left", "centre", "right",
-             "bottom left", "bottom", "bottom right")
-
-
-def shape_polygon(kind, cx, cy, r, angle):
-    """Vertices of a shape centred at (cx, cy) with circumradius r, rotated by angle (lesson 01)."""
-    if kind == "square":
-        radii, k = [r] * 4, 4
-    elif kind == "triangle":
-        radii, k = [r] * 3, 3
-    elif kind == "star":
-        radii, k = [r, 0.45 * r] * 5, 10
-    else:  # cross: a plus sign, 12 vertices on two radii
-        w = 0.32 * r  # half the width of an arm
-        pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r),
-               (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
-        c, s = math.cos(angle), math.sin(angle)
-        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
-    return [(cx + rad * math.cos(angle + 2 * math.pi * i / k), cy + rad * math.sin(angle + 2 * math.pi * i / k))
-            for i, rad in enumerate(radii)]
-
-
-def make_shapes(n, size=32, seed=0):
-    """The shapes (lesson 01) -> (uint8 [n, 3, size, size], labels [n] into SHAPES, captions), seeded."""
-    rng = np.random.default_rng(seed)
-    shape_i = rng.integers(0, len(SHAPES), n)
-    color_i = rng.integers(0, len(COLORS), n)
-    size_i = rng.integers(0, len(SIZES), n)
-    pos_i = rng.integers(0, len(POSITIONS), n)
-    jitter = rng.uniform(-0.3, 0.3, (n, 2))
-    scale = rng.uniform(0.9, 1.1, n)
-    angle = rng.uniform(0, 2 * math.pi, n)
-    big = 4 * size
-    color_names, size_names = list(COLORS), list(SIZES)
-    rgb = np.array([COLORS[c] for c in color_names], dtype=np.float32)  # [6, 3]
-    masks = np.empty((n, size, size), dtype=np.float32)
-    captions = []
-    for i in range(n):
-        r = SIZES[size_names[size_i[i]]] * scale[i] * big
-        col, row = pos_i[i] % 3, pos_i[i] // 3
-        # centre: one of a 3x3 grid of cells inside [r, big - r], so the shape stays in the picture
-        cx = r + (col + 0.5 + jitter[i, 0]) / 3 * (big - 2 * r)
-        cy = r + (row + 0.5 + jitter[i, 1]) / 3 * (big - 2 * r)
-        img = Image.new("L", (big, big), 0)
-        draw = ImageDraw.Draw(img)
-        kind = SHAPES[shape_i[i]]
-        if kind == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-        else:
-            draw.polygon(shape_polygon(kind, cx, cy, r, angle[i]), fill=255)
-        masks[i] = np.asarray(img.resize((size, size), Image.Resampling.BOX), dtype=np.float32) / 255
-        captions.append(f"a {size_names[size_i[i]]} {color_names[color_i[i]]} {kind} "
-                        f"{'in the' if pos_i[i] == 4 else 'at the'} {POSITIONS[pos_i[i]]}")
-    images = masks[:, None] * rgb[color_i][:, :, None, None]  # [n, 1, H, W] * [n, 3, 1, 1] -> [n, 3, H, W]
-    images = torch.from_numpy(np.rint(images).astype(np.uint8))
-    return images, torch.from_numpy(shape_i.astype(np.int64)), captions
-
-
-def to_unit(images):
-    """uint8 [0, 255] -> float [-1, 1], the range diffusion models are trained in (lesson 01)."""
-    return images.float() / 127.5 - 1
-
-
-def to_uint8(x):
-    """float [-1, 1] -> uint8 [0, 255], values outside clipped (lesson 01)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def timestep_embedding(t, dim):
@@ -845,10 +648,7 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """Lesson 03's UNet, eps_theta(x_t, t, y, ctx): (B, in_ch, H, W), int64 [B] -> (B, in_ch, H, W), plus
-    this lesson's conditions: num_classes > 0 adds a label embedding with num_classes + 1 rows (the last is
-    the null label) to the time embedding; ctx_dim > 0 adds cross-attention after each self-attention.
-    With both 0 it is 04's UNet, parameter for parameter."""
+    """Lesson 03's UNet with this lesson's num_classes (+ a null label) and ctx_dim (cross-attention) inputs."""
 
     def __init__(self, in_ch=3, base_ch=32, ch_mult=(1, 2, 2), attn_levels=(2,), num_classes=0, ctx_dim=0):
         super().__init__()
@@ -880,10 +680,9 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x, t, y=None, ctx=None, ctx_mask=None):
-        """y int64 [B] (num_classes = null); ctx [B, L, ctx_dim] with ctx_mask bool [B, L]."""
         emb = self.time_mlp(timestep_embedding(t, self.base_ch))  # [B, 4 base_ch]
         if self.label_emb is not None:
-            emb = emb + self.label_emb(y)
+            emb = emb + self.label_emb(y)  # y int64 [B] (num_classes: the null label), or TextToImage's pooled text
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:
@@ -892,50 +691,8 @@ class UNet(nn.Module):
         for block in self.mid:
             h = block(h, emb, ctx, ctx_mask)
         for block in self.up:
-            if isinstance(block, ResBlock):
-                h = block(torch.cat([h, skips.pop()], dim=1), emb, ctx, ctx_mask)
-            else:
-                h = block(h)
+            h = block(torch.cat([h, skips.pop()], 1), emb, ctx, ctx_mask) if isinstance(block, ResBlock) else block(h)
         return self.conv_out(F.silu(self.norm_out(h)))
-
-
-def target_of(pred, x0, eps, ab):
-    """The regression target for pred; ab = alpha_bar_t as [B, 1, 1, 1] (lesson 04)."""
-    return {"eps": eps, "x0": x0}[pred] if pred != "v" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
-
-
-def to_eps_x0(pred, out, x_t, ab):
-    """The network's output -> (eps_hat, x0_hat), whatever it predicts (lesson 04)."""
-    if pred == "eps":
-        return out, (x_t - (1 - ab).sqrt() * out) / ab.sqrt()
-    if pred == "x0":
-        return (x_t - ab.sqrt() * out) / (1 - ab).sqrt(), out
-    return (1 - ab).sqrt() * x_t + ab.sqrt() * out, ab.sqrt() * x_t - (1 - ab).sqrt() * out  # from v
-
-
-def loss_weight(kind, pred, ab, gamma=5.0):
-    """Per-sample weight: 1, or min-SNR-gamma for the target pred (Hang et al. 2023; lesson 04)."""
-    if kind == "none":
-        return torch.ones_like(ab)
-    snr = ab / (1 - ab)
-    return {"eps": snr.clamp(max=gamma) / snr, "x0": snr.clamp(max=gamma), "v": snr.clamp(max=gamma) / (snr + 1)}[pred]
-
-
-@torch.no_grad()
-def ddim_sample(model, x_T, alpha_bar, steps, pred, autocast=nullcontext):
-    """Deterministic DDIM (lesson 04): x_T -> x_0 through t_i = round(i (T-1) / (steps-1)), then t = 0 -> x_0."""
-    ts = torch.linspace(len(alpha_bar) - 1, 0, steps).round().long().tolist()
-    x = x_T
-    for i, t in enumerate(ts):
-        ab = alpha_bar[t].to(x.device, torch.float32).view(1, 1, 1, 1)
-        with autocast():
-            out = model(x, torch.full((len(x),), t, device=x.device, dtype=torch.long))
-        eps, x0 = to_eps_x0(pred, out.float(), x, ab)
-        x0 = x0.clamp(-1, 1)
-        eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # keep eps consistent with the clipped x0
-        ab_next = alpha_bar[ts[i + 1]].item() if i + 1 < len(ts) else 1.0  # the last step lands on x_0
-        x = math.sqrt(ab_next) * x0 + math.sqrt(1 - ab_next) * eps
-    return x
 
 
 class Classifier(nn.Module):
@@ -989,6 +746,194 @@ def frechet_distance(f1, f2):
     return ((mu1 - mu2).square().sum() + torch.trace(s1) + torch.trace(s2) - 2 * cross).item()
 
 
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240),
+          "yellow": (240, 220, 40), "magenta": (220, 50, 220), "cyan": (40, 220, 230)}
+SIZES = {"small": 0.20, "medium": 0.28, "large": 0.36}  # radius as a fraction of the image side
+POSITIONS = ("top left", "top", "top right", "left", "centre", "right",
+             "bottom left", "bottom", "bottom right")
+
+
+def shape_polygon(kind, cx, cy, r, angle):
+    """Vertices of a square, triangle, star or cross centred at (cx, cy), circumradius r, rotated (lesson 01)."""
+    if kind == "cross":  # a plus sign: 12 vertices, arms of half-width w
+        w = 0.32 * r
+        pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r),
+               (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
+        c, s = math.cos(angle), math.sin(angle)
+        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
+    radii = {"square": [r] * 4, "triangle": [r] * 3, "star": [r, 0.45 * r] * 5}[kind]
+    k = len(radii)
+    return [(cx + rad * math.cos(angle + 2 * math.pi * i / k), cy + rad * math.sin(angle + 2 * math.pi * i / k))
+            for i, rad in enumerate(radii)]
+
+
+def make_shapes(n, size=32, seed=0):
+    """(uint8 images [n, 3, size, size], labels int64 [n], captions): one anti-aliased shape each (lesson 01)."""
+    rng = np.random.default_rng(seed)
+    shape_i, color_i, size_i, pos_i = (rng.integers(0, len(v), n) for v in (SHAPES, COLORS, SIZES, POSITIONS))
+    jitter, scale, angle = rng.uniform(-0.3, 0.3, (n, 2)), rng.uniform(0.9, 1.1, n), rng.uniform(0, 2 * math.pi, n)
+    big, color_names, size_names = 4 * size, list(COLORS), list(SIZES)
+    rgb = np.array([COLORS[c] for c in color_names], dtype=np.float32)  # [6, 3]
+    masks, captions = np.empty((n, size, size), dtype=np.float32), []
+    for i in range(n):
+        r = SIZES[size_names[size_i[i]]] * scale[i] * big
+        col, row = pos_i[i] % 3, pos_i[i] // 3  # centre in one of a 3x3 grid of cells inside [r, big - r]
+        cx = r + (col + 0.5 + jitter[i, 0]) / 3 * (big - 2 * r)
+        cy = r + (row + 0.5 + jitter[i, 1]) / 3 * (big - 2 * r)
+        img = Image.new("L", (big, big), 0)
+        kind = SHAPES[shape_i[i]]
+        if kind == "circle":
+            ImageDraw.Draw(img).ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        else:
+            ImageDraw.Draw(img).polygon(shape_polygon(kind, cx, cy, r, angle[i]), fill=255)
+        masks[i] = np.asarray(img.resize((size, size), Image.Resampling.BOX), dtype=np.float32) / 255
+        captions.append(f"a {size_names[size_i[i]]} {color_names[color_i[i]]} {kind} "
+                        f"{'in the' if pos_i[i] == 4 else 'at the'} {POSITIONS[pos_i[i]]}")
+    images = masks[:, None] * rgb[color_i][:, :, None, None]  # [n, 1, H, W] * [n, 3, 1, 1] -> [n, 3, H, W]
+    return torch.from_numpy(np.rint(images).astype(np.uint8)), torch.from_numpy(shape_i.astype(np.int64)), captions
+
+
+def to_unit(images):
+    """uint8 [0, 255] -> float [-1, 1], the range diffusion models are trained in (lesson 01)."""
+    return images.float() / 127.5 - 1
+
+
+def to_uint8(x):
+    """float [-1, 1] -> uint8 [0, 255], values outside clipped (lesson 01)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a user's mistake in one line and exits with status 2 (every lesson)."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def fail(message):
+    """One line naming the fix, exit status 2, no traceback (every lesson)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def scale_list(text):
+    """argparse type: '0,1,3' -> [0.0, 1.0, 3.0]; anything else is a one-line error."""
+    try:
+        values = [float(s) for s in text.split(",")]
+    except ValueError:
+        values = [-1.0]
+    if any(s < 0 or not math.isfinite(s) for s in values):
+        raise argparse.ArgumentTypeError(f"must be numbers >= 0 separated by commas, like 0,1,3 (got {text!r})")
+    return values
+
+
+def pick_device(name):
+    """auto: cuda, then mps, then cpu; a device that is not there exits 2 (every lesson)."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not mps):
+        fail(f"--device {name} was asked for but {name.upper()} is not available; use --device cpu (or auto)")
+    return torch.device(name)
+
+
+def autocast_for(device):
+    """-> (autocast context, its name): bf16 on CUDA (with TF32) and on CPUs with bf16 units, else fp32 (lesson 04)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and bool(
+        getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    if not bf16:
+        return nullcontext, "fp32"
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), "bf16 autocast"
+
+
+# This lesson's helpers: measuring samples, batches, the classifiers trained or reused, text samples, figures
+def judge(clf, x, y, real_feats):
+    """-> (accuracy, per-class accuracies, FD against real_feats) of samples x asked to be classes y."""
+    feats, pred = features_and_classes(clf, x, next(clf.parameters()).device)
+    per_class = [(pred[y == c] == c).float().mean().item() for c in y.unique().tolist()]
+    return (pred == y).float().mean().item(), per_class, frechet_distance(feats, real_feats)
+
+
+def colour_of(x):
+    """[B, 3, H, W] -> [B] into COLORS: mean RGB of the brighter pixels, nearest palette colour by cosine."""
+    u = (x.clamp(-1, 1) + 1) / 2
+    bright = u.amax(1)  # [B, H, W]
+    mask = (bright >= 0.5 * bright.flatten(1).amax(1).view(-1, 1, 1)).float()
+    mean = (u * mask[:, None]).sum((2, 3)) / mask.sum((1, 2))[:, None]  # [B, 3]
+    rgb = torch.tensor(list(COLORS.values()), dtype=torch.float32)  # [6, 3]
+    return F.cosine_similarity(mean[:, None], rgb[None], dim=2).argmax(1)
+
+
+def batch(gen, data, idx, batch_size, tokenizer=None):
+    """x_0 in [-1, 1] and labels, or tokens of captions shortened at random (CAPTION_KEEP)."""
+    idx = idx[torch.randint(len(idx), (batch_size,), generator=gen)]
+    if tokenizer is None:
+        return to_unit(data[0][idx]), data[1][idx]
+    keep = (torch.rand(len(idx), 4, generator=gen) < torch.tensor(CAPTION_KEEP)).tolist()
+    return to_unit(data[0][idx]), tokenizer.encode([caption_variant(data[2][i], k) for i, k in zip(idx.tolist(), keep)])
+
+
+def classifiers(args, data, train_idx, alpha_bar):
+    """p(y | x_t, t) for classifier guidance, and a clean classifier that judges samples (accuracy, FD)."""
+    images, labels, device, K = data[0][train_idx], data[1][train_idx], alpha_bar.device, len(SHAPES)
+    noisy = NoisyClassifier(3, K).to(device)
+    train_or_load(os.path.join(args.run_dir, "noisy_classifier.pt"), dict(
+        what="noisy", n_images=len(data[0]), seed=args.seed, steps=args.noisy_clf_steps), noisy, lambda: dict(
+        model=train_noisy_classifier(images, labels, K, alpha_bar, device, args.noisy_clf_steps, args.seed)
+        .state_dict(), step=args.noisy_clf_steps), args.retrain)
+    clf = Classifier(3, K).to(device)
+    train_or_load(os.path.join(args.run_dir, "classifier.pt"), dict(
+        what="judge", n_images=len(data[0]), seed=args.seed, steps=args.clf_steps), clf, lambda: dict(
+        model=train_classifier(images, labels, K, device, args.clf_steps, args.seed).state_dict(),
+        step=args.clf_steps), args.retrain)
+    return noisy.eval().requires_grad_(False), clf.eval()
+
+
+def text_sample(args, model, y_null, tokens, alpha_bar, autocast, seed):
+    """Images for tokens [N, L], classifier-free guided at TEXT_SCALE, from the noise of seed."""
+    noise = torch.randn(len(tokens), 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return sample(lambda x, t, c: guided_eps(model, x, t, c, TEXT_SCALE, y_null.to(x.device).expand(len(c), -1)),
+                  noise, tokens, alpha_bar, args.sample_steps, PRED, autocast)
+
+
+def save_losses(path, class_log, text_log, text_loss_weight):
+    """Both training losses, each averaged over windows of len // 100 steps, on a log axis."""
+    series = []
+    for name, weight, losses in (("class", CLASS_LOSS_WEIGHT, class_log), ("text", text_loss_weight, text_log)):
+        k = max(1, len(losses) // 100)
+        n = len(losses) // k
+        series.append((f"{name}: {'min-SNR' if weight == 'min-snr' else 'plain'} v", [i * k + k for i in range(n)],
+                       [sum(losses[i * k:(i + 1) * k]) / k for i in range(n)]))
+    ys = [y for _, _, s in series for y in s]
+    line_plot(series, "training loss (mean over steps)", "step", "loss (log)", logy=True,
+              ylim=(min(ys) * 0.8, max(ys) * 1.25), size=(620, 430)).save(path)
+
+
+def save_tradeoff(path, res, floor):
+    """Accuracy against FD: a point per scale (labelled), a line per method, the FD floor; a legend beside."""
+    fds = [r[2] for n in res for r in res[n].values()] + [floor]
+    ylim = (max(0, min(100 * r[0] for n in res for r in res[n].values()) - 5), 100)
+    img, d, to_px = axes((min(fds) * 0.7, max(fds) * 1.5), ylim, "guidance: class accuracy against Frechet distance",
+                         "FD to real images (log); labels: the scale", "accuracy (%)", logx=True, size=(560, 420))
+    d.line([to_px(floor, v) for v in ylim], fill=PALETTE[2], width=2)
+    for c, name in enumerate(res):
+        pts = [to_px(fd, 100 * acc) for acc, _, fd in res[name].values()]
+        d.line(pts, fill=PALETTE[c], width=2)
+        for (px, py), s in zip(pts, res[name]):
+            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=PALETTE[c])
+            d.text((px + 5, py - 3), f"{s:g}", fill=PALETTE[c], font=font(11), anchor="ld")
+    legend = Image.new("RGB", (230, 420), "white")
+    for c, label in enumerate([f"{n} guidance" for n in res] + ["real vs real (the FD floor)"]):
+        ImageDraw.Draw(legend).line([(0, 70 + 22 * c), (30, 70 + 22 * c)], fill=PALETTE[c], width=3)
+        ImageDraw.Draw(legend).text((36, 70 + 22 * c), label, fill="black", font=font(14), anchor="lm")
+    save_row(path, [img, legend])
+
+
+# The drawing kit (the same in every lesson)
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207)]
 
 
