@@ -55,6 +55,7 @@ WARMUP, GRAD_CLIP, EMA_DECAY, HFLIP = 200, 1.0, 0.999, False  # HFLIP: random fl
 # Sampling, checkpoints and the metric
 SAMPLE_EVERY, SAVE_EVERY, SAMPLE_STEPS = 500, 500, 50  # steps between grids, between checkpoints; DDIM steps
 EVAL_SAMPLES, CLF_STEPS, N_SHAPES = 500, 400, 10_000  # metric samples (0: skip), classifier steps; shapes
+SLOW_CPU_FLOPS = 64e9  # FLOP/s this UNet trains at in fp32 on 2 cores with AVX2 and no bf16 units (measured)
 QUICK = dict(steps=30, batch_size=16, base_ch=16, warmup=5, sample_every=15, save_every=20,  # --quick: at most
              sample_steps=5, eval_samples=64, clf_steps=50, n_shapes=2000)
 
@@ -420,6 +421,26 @@ def quality(args, ema, images, labels, classes, held, train_idx, alpha_bar, auto
         print(f"  classes of {name} " + ", ".join(f"{k} {h}" for k, h in zip(classes, hist)))
 
 
+def run_cost(args, model, n_classes, first_step):
+    """FLOPs this run will compute (a multiply-add counts 2): training, the grids, the metric. Counting
+    works on any machine; dividing by a machine's speed gives its time. -> (total, {part: FLOPs})."""
+    def flops(net, x, *rest):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            net(x, *rest)
+        return counter.get_total_flops()
+    x = torch.zeros(1, args.channels, args.image_size, args.image_size, device=next(model.parameters()).device)
+    fwd = flops(model, x, torch.zeros(1, dtype=torch.long, device=x.device))  # one image, one forward
+    steps = max(0, args.steps - first_step)
+    grids = -(-steps // args.sample_every) * 8 + 64  # progress rows of 8, then the final 64
+    parts = {"training": 3 * fwd * args.batch_size * args.world * steps,  # backward ~ 2 forwards
+             "grids": fwd * args.sample_steps * grids + fwd * 24}  # + 04_x0_pred's 6 t x 4 images
+    if args.eval_samples and n_classes > 1:
+        clf = flops(Classifier(args.channels, n_classes).to(x.device), x)
+        parts["metric"] = fwd * args.sample_steps * args.eval_samples + clf * (3 * 128 * args.clf_steps
+                                                                               + 4 * args.eval_samples)
+    return sum(parts.values()), parts
+
+
 def save_figures(args, state, progress, x_show, x_fixed, alpha_bar, autocast):
     """04_samples.png, 04_progress.png, 04_loss.png and 04_x0_pred.png, all from the EMA model."""
     ema, out, steps = state["ema"].eval(), args.out, args.sample_steps
@@ -460,6 +481,9 @@ def main(argv=None):
     if args.rank == 0:
         os.makedirs(args.run_dir, exist_ok=True)
         os.makedirs(args.out, exist_ok=True)
+        total, parts = run_cost(args, state["model"], len(classes), state["step"])
+        print(f"this run computes {total / 1e12:.1f} TFLOP (" + ", ".join(f"{k} {v / 1e12:.1f}" for k, v in
+              parts.items()) + f"): about {total / SLOW_CPU_FLOPS / 60:.0f} min on a 2-core CPU without bf16 units")
         print(f"{args.dataset}: {len(train_idx)} training images {tuple(images.shape[1:])}, {len(classes)} classes | "
               f"UNet {sum(p.numel() for p in state['model'].parameters()) / 1e6:.2f}M params | {device}, "
               f"{'bf16 autocast' if bf16 else 'fp32'}, {args.world} process(es), effective batch "
