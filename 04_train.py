@@ -17,7 +17,7 @@
    FD = |mu_g - mu_r|^2 + tr(S_g + S_r - 2 (S_r^1/2 S_g S_r^1/2)^1/2), beside real against real (the
    floor), noise (the ceiling), and the samples' class histogram.
 
-    python 04_train.py                       # shapes, about 15 min on a 2-core CPU
+    python 04_train.py                       # shapes; it prints its FLOPs and minutes on a CPU without bf16
     python 04_train.py --quick               # seconds: a smoke test, written under runs/quick/
     python 04_train.py --resume              # continue runs/04/ckpt.pt (same weights as never stopping)
     python 04_train.py --dataset mnist       # or fashion-mnist, cifar10: downloaded into --data-dir
@@ -48,7 +48,8 @@ from torchvision.utils import make_grid
 
 FORMAT = "dmfs-04-v1"  # checkpoint format tag: a file written by another script is refused
 DATASETS = ("shapes", "mnist", "fashion-mnist", "cifar10", "folder")
-# The training recipe beside the flags (the checkpoint's config records both)
+# The training recipe beside the flags: parse_args copies these into args (args.T, args.warmup, ...), and the
+# checkpoint's config records both
 T = 1000  # diffusion steps
 BASE_CH, CH_MULT = 32, (1, 2, 2)  # UNet width, and its channel multiplier per level
 WARMUP, GRAD_CLIP, EMA_DECAY, HFLIP = 200, 1.0, 0.999, False  # HFLIP: random flips (natural images)
@@ -110,7 +111,8 @@ def to_eps_x0(pred, out, x_t, ab):
         return out, (x_t - (1 - ab).sqrt() * out) / ab.sqrt()
     if pred == "x0":
         return (x_t - ab.sqrt() * out) / (1 - ab).sqrt(), out
-    return (1 - ab).sqrt() * x_t + ab.sqrt() * out, ab.sqrt() * x_t - (1 - ab).sqrt() * out  # from v
+    eps = (1 - ab).sqrt() * x_t + ab.sqrt() * out  # from v: eps = sqrt(1 - ab) x_t + sqrt(ab) v
+    return eps, ab.sqrt() * x_t - (1 - ab).sqrt() * out  # x_0 = sqrt(ab) x_t - sqrt(1 - ab) v
 
 
 def loss_weight(kind, pred, ab, gamma=5.0):
@@ -260,7 +262,9 @@ def replicas_agree(model, world):
 @torch.no_grad()
 def ddim_sample(model, x_T, alpha_bar, steps, pred, autocast=nullcontext):
     """x_T [B, C, S, S] -> x_0. Visits t_i = round(i (T-1) / (steps-1)) from T-1 down to 0, then one
-    last step from t = 0 to the clean image (alpha_bar = 1)."""
+    last step from t = 0 to the clean image (alpha_bar = 1). Deterministic, so grids drawn from the same
+    fixed noise during training show the model changing, not the noise. x0_hat is clipped to the data
+    range [-1, 1] at every step, and eps recomputed from it so the two stay consistent."""
     T = len(alpha_bar)
     ts = torch.linspace(T - 1, 0, steps).round().long().tolist()
     x = x_T
@@ -335,8 +339,8 @@ def train(args, state, net, images, shard, alpha_bar, x_fixed, autocast):
     t0, smooth, batch = time.time(), None, args.batch_size * args.world  # images per step, all ranks together
     try:
         while state["step"] < args.steps:
-            x0, t, eps = (v.to(x_fixed.device, non_blocking=True)
-                          for v in draw_batch(images, shard, args.batch_size, state["gen"], args.hflip))
+            x0, t, eps = (d.to(x_fixed.device, non_blocking=True)
+                          for d in draw_batch(images, shard, args.batch_size, state["gen"], args.hflip))
             loss, per_sample = diffusion_loss(net, x0, t, eps, alpha_bar, args.pred, args.loss_weight, autocast)
             if not torch.isfinite(loss):  # never step on a non-finite loss
                 stop(f"loss is {loss.item()} at step {state['step']}", path, args)
@@ -381,8 +385,8 @@ def save_loss_plots(path, log, T):
     steps = [(i + 1) * k for i in range(len(losses) // k)]
     centres = [(i + 0.5) * T / len(sums) for i in range(len(sums)) if counts[i]]
     means, by_t = [sum(losses[s - k:s]) / k for s in steps], [s / c for s, c in zip(sums, counts) if c]
-    panels = [("training loss", steps, means, f"loss (mean of every {k} steps)", "step"),
-              ("loss at t", centres, by_t, "loss binned by t (last half of training)", "t")]
+    panels = [("weighted loss", steps, means, f"training loss, as weighted (mean of every {k} steps)", "step"),
+              ("unweighted MSE", centres, by_t, "unweighted target MSE binned by t (last half)", "t")]
     save_row(path, [line_plot([(label, xs, ys)], title, xlabel, "loss", logy=True, ylim=(min(ys) * 0.8, max(ys) * 1.25),
                               size=(550, 430)) for label, xs, ys, title, xlabel in panels])
 
@@ -514,17 +518,17 @@ def parse_args(argv=None):
     a("--data-dir", default="data", help="where torchvision data is downloaded, or the image folder")
     a("--image-size", type=int, default=32, help="images are resized (and centre-cropped, or padded) to this")
     a("--pred", default="v", choices=["eps", "v", "x0"], help="what the network predicts")
-    a("--schedule", default="cosine", choices=["linear", "cosine"])
-    a("--loss-weight", default="min-snr", choices=["none", "min-snr"])
+    a("--schedule", default="cosine", choices=["linear", "cosine"], help="noise schedule (lesson 01)")
+    a("--loss-weight", default="min-snr", choices=["none", "min-snr"], help="per-t weight of the loss")
     a("--steps", type=int, default=2000, help="total training steps (a resumed run continues up to this number)")
     a("--batch-size", type=int, default=64, help="per process")
-    a("--lr", type=float, default=1e-3)
+    a("--lr", type=float, default=1e-3, help="AdamW learning rate after the warmup")
     a("--resume", nargs="?", const="", default=None, help="continue from this checkpoint (alone: RUN_DIR/ckpt.pt)")
     a("--run-dir", default="runs/04", help="checkpoint folder (with --quick: runs/quick/04)")
     a("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 where the device has it")
     a("--compile", action="store_true", help="torch.compile the UNet (CUDA)")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    a("--seed", type=int, default=0)
+    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
+    a("--seed", type=int, default=0, help="fixes the data, the weights and every draw")
     a("--out", default="figures", help="folder for the figures (with --quick: runs/quick)")
     a("--quick", action="store_true", help="tiny settings for a smoke test (seconds), written under runs/quick/")
     args = p.parse_args(argv)
@@ -696,7 +700,7 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t): (B, in_ch, H, W), int64 [B] -> (B, out_ch, H, W) (lesson 03)."""
+    """The denoiser (x_t, t): (B, in_ch, H, W), int64 [B] -> (B, out_ch, H, W), eps, v or x_0 (lesson 03)."""
     def __init__(self, in_ch=3, out_ch=None, base_ch=32, ch_mult=(1, 2, 2), num_res_blocks=2,
                  attn_levels=(2,), dropout=0.0, heads=4):
         super().__init__()
@@ -723,7 +727,7 @@ class UNet(nn.Module):
                 self.up.append(Upsample(ch))
         self.norm_out = group_norm(ch)
         self.conv_out = nn.Conv2d(ch, out_ch or in_ch, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)  # the untrained net predicts eps = 0: loss starts at E[eps^2] = 1
+        nn.init.zeros_(self.conv_out.weight)  # the untrained net outputs 0 (for an eps target: eps_hat = 0)
         nn.init.zeros_(self.conv_out.bias)
 
     def check_size(self, h, w):
