@@ -64,9 +64,8 @@ QUICK = dict(n_shapes=1000, base_ch=16, batch_size=8, warmup=4, text_steps=12, t
 
 # %% Class labels, and label dropout to train the null label
 # UNet(num_classes=K) adds label_emb(y), an nn.Embedding(K + 1, emb_dim), to the time embedding; row K is
-# "no condition". train_diffusion (04's loop, in the appendix) passes every batch through drop_condition.
-# The UNet in the appendix is 03's with this lesson's two inputs: label_emb in UNet.forward, and the
-# CrossAttention below called at the end of each attention ResBlock.
+# "no condition". train_diffusion (04's loop, in the appendix) passes every batch through drop_condition. The
+# appendix's UNet is 03's plus label_emb (UNet.forward) and the CrossAttention below (each attention ResBlock).
 def drop_condition(y, y_null, p, gen):
     """Each condition -> the null one with probability p: labels [B] (y_null scalar) or tokens [B, L] (y_null [L])."""
     drop = (torch.rand(len(y), generator=gen) < p).to(y.device).view(-1, *([1] * (y.dim() - 1)))
@@ -214,8 +213,7 @@ class CrossAttention(nn.Module):
         B, C, H, W = x.shape
         q = self.q(self.norm(x)).reshape(B, self.heads, C // self.heads, H * W).transpose(2, 3)  # [B, h, HW, d]
         k, v = self.kv(ctx).reshape(B, -1, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 2 x [B, h, L, d]
-        # a boolean attn_mask means "may attend": True for real tokens, so padding gets no weight
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx_mask[:, None, None, :])  # [B, h, HW, d]
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx_mask[:, None, None, :])  # bool: True may attend
         return x + self.proj(h.transpose(2, 3).reshape(B, C, H, W))
 
 
