@@ -44,6 +44,13 @@ def assert_clean_exit_2(code, out, err, needle):
     assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err, err
 
 
+@pytest.fixture
+def in_jupyter(monkeypatch):
+    """The process as a Jupyter kernel runs a notebook: ipykernel loaded, sys.argv the kernel's own flags."""
+    monkeypatch.setitem(sys.modules, "ipykernel", type(sys)("ipykernel"))
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
+
+
 @pytest.fixture(scope="session")
 def lesson():
     """lesson("01_forward") -> the loaded module."""

@@ -1,8 +1,6 @@
 """Lesson 01: the schedules, the closed form against the chain, the shapes dataset, the script."""
 import math
 import os
-import sys
-import types
 
 import pytest
 import torch
@@ -192,10 +190,8 @@ def test_script_bad_values_exit_2_with_one_line(tmp_path, args, needle):
     assert "Traceback" not in err
 
 
-def test_parse_args_in_jupyter_ignores_the_kernel_flags(monkeypatch):
+def test_parse_args_in_jupyter_ignores_the_kernel_flags(in_jupyter):
     # a notebook cell calls main() with sys.argv holding the kernel's own flags: they must not be parsed
-    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
-    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
     assert vars(m.parse_args()) == vars(m.parse_args([]))
 
 

@@ -2,8 +2,6 @@
 the ideal denoiser's memorisation, and the script end to end."""
 import math
 import os
-import sys
-import types
 
 import pytest
 import torch
@@ -156,10 +154,8 @@ def test_sliced_w2_is_zero_for_equal_sets_and_grows_with_a_shift(m):
     assert m.sliced_w2(a, a + torch.tensor([0.3, 0.0])) == pytest.approx(0.3 / math.sqrt(2), rel=1e-6)
 
 
-def test_parse_args_in_jupyter_ignores_the_kernel_flags(m, monkeypatch):
+def test_parse_args_in_jupyter_ignores_the_kernel_flags(m, in_jupyter):
     """A notebook cell calling main() must not parse the kernel's own `-f kernel.json` argument."""
-    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
-    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
     assert vars(m.parse_args()) == vars(m.parse_args([]))
 
 

@@ -3,8 +3,6 @@ shape trace and receptive field helpers, overfitting, and the script end to end.
 import math
 import os
 import re
-import sys
-import types
 
 import pytest
 import torch
@@ -214,9 +212,7 @@ def test_bench_prints_every_row_and_the_bf16_speed_ratio(capsys):
 
 
 # -- the two hazards: a notebook's sys.argv, and --quick over the committed figures ----------------------------
-def test_parse_args_in_jupyter_ignores_the_kernels_argv(monkeypatch):
-    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
-    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
+def test_parse_args_in_jupyter_ignores_the_kernels_argv(in_jupyter):
     assert vars(m.parse_args()) == vars(m.parse_args([]))
 
 

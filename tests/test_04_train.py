@@ -141,10 +141,8 @@ def test_quick_never_writes_over_the_defaults():
     assert m.parse_args(["--quick", "--out", "x"]).run_dir == "runs/quick/04"  # --out moves figures only
 
 
-def test_parse_args_in_jupyter_ignores_the_kernel_flags(monkeypatch):
+def test_parse_args_in_jupyter_ignores_the_kernel_flags(in_jupyter):
     # a notebook's sys.argv holds the kernel's own flags; main() in a cell must not parse them
-    monkeypatch.setitem(sys.modules, "ipykernel", type(sys)("ipykernel"))
-    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
     assert vars(m.parse_args()) == vars(m.parse_args([]))
 
 

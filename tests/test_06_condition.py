@@ -1,7 +1,5 @@
 """Lesson 06: guidance formulas, label dropout, classifier guidance, the tokenizer and cross-attention,
 the held-out captions, and the script end to end (quick settings) with bad input."""
-import sys
-import types
 
 import pytest
 import torch
@@ -266,7 +264,5 @@ def test_quick_runs_never_write_over_the_defaults():
     assert quick.steps == 12 and full.steps == 3200 and quick.text_steps < full.text_steps
 
 
-def test_parse_args_ignores_the_jupyter_kernel_arguments(monkeypatch):
-    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
-    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
+def test_parse_args_ignores_the_jupyter_kernel_arguments(in_jupyter):
     assert vars(m.parse_args()) == vars(m.parse_args([]))

@@ -1,8 +1,6 @@
 """Lesson 07: the VAE and its KL term, the latent scale factor, guidance, LoRA, inpainting, the script."""
 import copy
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -238,10 +236,8 @@ def test_bad_input_exits_2(tmp_path, args, needle):
                         needle)
 
 
-def test_parse_args_in_jupyter_ignores_the_kernels_flags(monkeypatch):
+def test_parse_args_in_jupyter_ignores_the_kernels_flags(in_jupyter):
     # a notebook calls main() with sys.argv = the kernel's own command line
-    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
-    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
     assert vars(m.parse_args()) == vars(m.parse_args([]))
 
 
