@@ -241,10 +241,16 @@ def setup_device(name):
     return rank, world, device
 
 
+def cpu_has_bf16():
+    """bf16 units (AVX512-BF16 or AMX). oneDNN's own check also says yes on AVX-512 CPUs without them, where bf16
+    is emulated and slower than fp32 (03_unet.py --bench measures it)."""
+    cpu = torch.cpu
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def use_bf16(device, precision):
     """auto: bf16 autocast on CUDA and on CPUs with bf16 units (AVX512-BF16, AMX), else fp32."""
-    has = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and bool(
-        getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    has = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_has_bf16()
     if precision == "bf16" and not has:
         fail(f"--precision bf16 is not supported on this {device.type}; use --precision fp32")
     return precision != "fp32" and has

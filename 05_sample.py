@@ -464,11 +464,18 @@ def read_checkpoint(path):
     return ckpt
 
 
+def cpu_has_bf16():
+    """bf16 units (AVX512-BF16 or AMX). oneDNN's own check also says yes on AVX-512 CPUs without them, where bf16
+    is emulated and slower than fp32 (03_unet.py --bench measures it) (lesson 04)."""
+    cpu = torch.cpu
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def bf16_supported(device):
     """CUDA with bf16, or a CPU with bf16 units (lesson 03)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    return device.type == "cpu" and cpu_has_bf16()
 
 
 class Parser(argparse.ArgumentParser):

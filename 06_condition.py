@@ -841,12 +841,18 @@ def pick_device(name):
     return torch.device(name)
 
 
+def cpu_has_bf16():
+    """bf16 units (AVX512-BF16 or AMX). oneDNN's own check also says yes on AVX-512 CPUs without them, where bf16
+    is emulated and slower than fp32 (03_unet.py --bench measures it) (lesson 04)."""
+    cpu = torch.cpu
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def autocast_for(device):
     """-> (autocast context, its name): bf16 on CUDA (with TF32) and on CPUs with bf16 units, else fp32 (lesson 04)."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and bool(
-        getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_has_bf16()
     if not bf16:
         return nullcontext, "fp32"
     return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), "bf16 autocast"
