@@ -20,11 +20,9 @@ Then a shape trace with every block's parameters, the receptive field (the gradi
 with respect to the input), overfitting one fixed batch (the first test of any new network), and with
 `--bench` the course's speed lesson: FLOPs, images/s and GFLOP/s, fp32 vs bf16, NCHW vs channels_last.
 
-    python 03_unet.py            # under a minute on a 2-core CPU; writes figures/03_*.png
-    python 03_unet.py --quick    # seconds; writes runs/quick/03_*.png (the tests use it)
-    python 03_unet.py --bench    # speed of the default UNet (--bench --quick: a smoke test)
-
-Figures: 03_time_embedding.png, 03_receptive_field.png, 03_overfit.png; it prints the shape trace.
+    python 03_unet.py          # < 1 min on a 2-core CPU: figures/03_{time_embedding,receptive_field,overfit}.png
+    python 03_unet.py --quick  # seconds; the same under runs/quick/ (the tests use it)
+    python 03_unet.py --bench  # speed of the default UNet (--bench --quick: a smoke test)
 """
 import argparse
 import math
@@ -176,11 +174,8 @@ class UNet(nn.Module):
             skips.append(h)
         for block in self.mid:
             h = block(h, emb)
-        for block in self.up:
-            if isinstance(block, ResBlock):
-                h = block(torch.cat([h, skips.pop()], dim=1), emb)
-            else:
-                h = block(h)
+        for block in self.up:  # a ResBlock takes the skip of the same resolution, concatenated on channels
+            h = block(torch.cat([h, skips.pop()], dim=1), emb) if isinstance(block, ResBlock) else block(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -288,10 +283,11 @@ def time_embedding_figure(path):
     cos = F.normalize(emb, dim=1) @ F.normalize(emb, dim=1).T  # [T, T]
     print(f"1. timestep_embedding(t, 32): {tuple(emb.shape)}, values in [{emb.min():.2f}, {emb.max():.2f}]; cosine "
           f"similarity of t=500 with 501: {cos[500, 501]:.3f}, 520: {cos[500, 520]:.3f}, 900: {cos[500, 900]:.3f}")
-    title = "emb(t): sin in dims 0-15, cos in 16-31; frequency falls with the dimension"
-    panels = [heatmap(emb.T, -1, 1, DIVERGING, title, "timestep t", "dimension", (680, 400))[0],
-              heatmap(cos, -1, 1, DIVERGING, "cosine similarity of emb(t) and emb(t')", "t", "t'", (400, 400))[0]]
-    save_row(path, panels, "colour: -1 blue, 0 white, +1 red")
+    ts = torch.linspace(0, T - 1, 128).long()  # 128 of the timesteps, so that a panel is 128 pixels wide
+    panels = [heatmap(emb[ts].T.repeat_interleave(4, 0), -1, 1, DIVERGING), heatmap(cos[ts][:, ts], -1, 1, DIVERGING)]
+    grid(torch.stack(panels), 2, "emb(t) for t = 0 to 999 (left to right); colour: -1 blue, 0 white, +1 red",
+         row_labels=[""], col_labels=["emb(t): sin in dims 0-15 (top), cos in 16-31", "cosine similarity of "
+                                      "emb(t) and emb(t') (t' down)"]).save(path)
 
 
 def show_pieces():
@@ -322,21 +318,22 @@ def receptive_field_figure(path, S, t, device):
     probe = UNet().to(device)
     probe.conv_out.reset_parameters()
     print("\n6. receptive field of the centre pixel: input pixels where |gradient| > 1% of its maximum")
-    panels = []
+    panels, labels, k = [], [], max(1, round(96 / S))  # each panel upscaled k times, to about 96 pixels
     for name, res, g in receptive_fields(probe, torch.randn(1, 3, S, S, device=device), t):
         g, c, f = (g / g.max()).cpu(), (res // 2) * (S // res), S // res  # the probed pixel: c to c + f
-        share = f"{int((g > 0.01).sum())} of {S * S} pixels > 1%"
-        print(f"  {name:>16} ({res}x{res}): {share}")
-        img, d, to_px = heatmap(g.clamp(min=1e-4).log10().flip(0), -4, 0, HOT, f"{name} ({res}x{res})", share, "",
-                                (282, 292))
-        d.rectangle([to_px(c, S - c), to_px(c + f, S - c - f)], outline=(0, 200, 255))
+        n = int((g > 0.01).sum())
+        print(f"  {name:>16} ({res}x{res}): {n} of {S * S} pixels > 1%")
+        img = heatmap(g.clamp(min=1e-4).log10(), -4, 0, HOT).repeat_interleave(k, 1).repeat_interleave(k, 2)
+        a, b = k * c - 1, min(k * (c + f), k * S - 1)  # a cyan square just outside the probed pixel
+        img[:, a:b + 1, [a, b]] = img[:, [a, b], a:b + 1] = torch.tensor([0, 200, 255]).byte()[:, None, None]
         panels.append(img)
-    save_row(path, panels, "receptive field: |d output[centre] / d input| for the UNet cut at each depth; colour: "
-             "log10 of |gradient| / its maximum, -4 black to 0 white; cyan: the probed pixel")
+        labels.append(f"{name} ({res}x{res}): {n} > 1%")
+    grid(torch.stack(panels), len(panels), "receptive field: |d output[centre] / d input| for the UNet cut at each "
+         "depth; colour: log10 |gradient| / max, -4 black to 0 white; cyan: the probed pixel", [""], labels).save(path)
 
 
 def overfit_figure(path, model, x0, t, steps, lr, seed):
-    """7. Overfit one fixed batch of shapes at a few noise levels: the loss curve and x_0 predicted before/after."""
+    """7. Overfit one fixed batch of shapes at a few noise levels: a table of the loss, x_0 predicted before/after."""
     alpha_bar = alpha_bar_of(linear_betas(T))
     g = torch.Generator().manual_seed(seed)
     eps = torch.randn(x0.shape, generator=g).to(x0.device)
@@ -346,17 +343,18 @@ def overfit_figure(path, model, x0, t, steps, lr, seed):
         before = (x_t - (1 - ab).sqrt() * model(x_t, t)) / ab.sqrt()  # eps_theta = 0 here: x_t / sqrt(alpha_bar_t)
     losses, fresh = overfit(model, x0, x_t, eps, t, alpha_bar, steps, lr, g)
     with torch.no_grad():
-        after = (x_t - (1 - ab).sqrt() * model(x_t, t)) / ab.sqrt()
+        pred = model(x_t, t)
+    after = (x_t - (1 - ab).sqrt() * pred) / ab.sqrt()
+    fixed = losses + [F.mse_loss(pred, eps).item()]  # the fixed batch's loss before each step, and after the last
     print(f"\n7. overfitting {len(x0)} images at t = {t.tolist()}: loss {losses[0]:.3f} -> {losses[-1]:.4f} "
-          f"in {steps} steps; same images, fresh noise: {fresh[0][1]:.3f} -> {fresh[-1][1]:.3f}")
-    plot = line_plot([("fixed batch", range(len(losses)), losses), ("fresh noise", *zip(*fresh))],
-                     "eps-prediction loss (MSE)", "training step", "loss", logy=True,
-                     ylim=(10 ** math.floor(math.log10(min(losses))), 10), size=(560, 440))
-    pictures = grid(to_uint8(torch.cat([x0, x_t, before, after])).cpu(), len(x0),
-                    "one fixed batch: x_0 predicted from x_t, before and after training",
-                    row_labels=["clean x_0", "noisy x_t", "predicted, step 0", f"predicted, step {steps}"],
-                    col_labels=[f"t={v}" for v in t.tolist()])
-    save_row(path, [plot, pictures])
+          f"in {steps} steps; same images, fresh noise: {fresh[0][1]:.3f} -> {fresh[-1][1]:.3f}\n"
+          f"{'step':>6} {'fixed batch':>11} {'fresh noise':>11}")
+    for step, loss in sorted({fresh[round(k * (len(fresh) - 1) / 7)] for k in range(8)}):  # 8 steps, 0 to the end
+        print(f"{step:6d} {fixed[step]:#11.3g} {loss:#11.3g}")
+    grid(to_uint8(torch.cat([x0, x_t, before, after])).cpu(), len(x0),
+         "one fixed batch: x_0 predicted from x_t, before and after training",
+         row_labels=["clean x_0", "noisy x_t", "predicted, step 0", f"predicted, step {steps}"],
+         col_labels=[f"t={v}" for v in t.tolist()]).save(path)
 
 
 # %% Main: each piece shown working, then the whole net: trace, receptive field, overfitting
@@ -369,10 +367,7 @@ def main(argv=None):
         return bench(device, 2 if args.quick else BENCH_ITERS, 8 if args.quick else BENCH_BATCH)
     start, S = time.time(), args.image_size
     try:
-        UNet().check_size(S, S)
         os.makedirs(args.out, exist_ok=True)
-    except ValueError as e:
-        fail(f"--image-size {S}: {e}")
     except OSError as e:
         fail(f"cannot create the output folder {args.out!r} ({e.strerror}); pass --out with a writable folder")
     torch.manual_seed(args.seed)
@@ -405,8 +400,8 @@ def parse_args(argv=None):
         fail(f"--steps must be at least 1 (got {args.steps})")
     if not 0 < args.lr < 1:
         fail(f"--lr must be between 0 and 1 (got {args.lr}); try 2e-3")
-    if args.image_size < 8:
-        fail(f"--image-size must be at least 8 (got {args.image_size})")
+    if args.image_size < 8 or args.image_size % 4:
+        fail(f"--image-size {args.image_size}: UNet() halves it twice, so pass one of the multiples of 4 from 8 up")
     if args.quick:
         args.steps = min(args.steps, 30)
     args.out = args.out or (os.path.join("runs", "quick") if args.quick else "figures")  # never over figures/
@@ -414,207 +409,92 @@ def parse_args(argv=None):
 
 
 # %% Appendix: pieces from earlier lessons
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a user's mistake in one line and exits with status 2 (the course's CLI)."""
+class Parser(argparse.ArgumentParser):  # a user's mistake: one line and exit status 2 (every lesson)
     def error(self, message):
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
-
-def fail(message):
-    """One line naming the fix, exit status 2, no traceback (the course's CLI)."""
+def fail(message):  # one line naming the fix, exit status 2, no traceback (every lesson)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
-
-def pick_device(name):
-    """auto: cuda, then mps, then cpu; a device that is not there exits 2 (the course's CLI)."""
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not mps):
+def pick_device(name):  # auto: cuda, then mps, then cpu; a device that is not there exits 2 (every lesson)
+    have = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(k for k, ok in have.items() if ok) if name == "auto" else name
+    if not have[name]:
         fail(f"--device {name} was asked for but {name.upper()} is not available; use --device cpu (or auto)")
     return torch.device(name)
 
-
-def linear_betas(T):
-    """DDPM's schedule: beta_t linear from 1e-4 to 0.02, float64 [T] (lesson 01)."""
+def linear_betas(T):  # DDPM's schedule: beta_t linear from 1e-4 to 0.02, float64 [T] (lesson 01)
     return torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
-
-
-def alpha_bar_of(betas):
-    """alpha_bar_t = prod_{s<=t} (1 - beta_s) (lesson 01)."""
+def alpha_bar_of(betas):  # alpha_bar_t = prod_{s<=t} (1 - beta_s) (lesson 01)
     return torch.cumprod(1 - betas, dim=0)
-
-
-def q_sample(x0, t, alpha_bar, noise):
-    """x_t = sqrt(alpha_bar[t]) x0 + sqrt(1 - alpha_bar[t]) noise, for int64 t [B] (lesson 01)."""
-    ab = alpha_bar.to(x0.device)[t].to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))  # [B, 1, 1, 1]
+def q_sample(x0, t, alpha_bar, noise):  # x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise (lesson 01)
+    ab = alpha_bar.to(x0.device)[t].to(x0.dtype).view(-1, 1, 1, 1)
     return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240),
           "yellow": (240, 220, 40), "magenta": (220, 50, 220), "cyan": (40, 220, 230)}
 SIZES = {"small": 0.20, "medium": 0.28, "large": 0.36}  # radius as a fraction of the image side
-POSITIONS = ("top left", "top", "top right", "left", "centre", "right",
-             "bottom left", "bottom", "bottom right")
-
-
-def shape_polygon(kind, cx, cy, r, angle):
-    """Vertices of a square, triangle, star or cross centred at (cx, cy), circumradius r, rotated (lesson 01)."""
-    if kind == "cross":  # a plus sign: 12 vertices, arms of half-width w
-        w = 0.32 * r
-        pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r),
-               (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
-        c, s = math.cos(angle), math.sin(angle)
-        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
-    radii = {"square": [r] * 4, "triangle": [r] * 3, "star": [r, 0.45 * r] * 5}[kind]
-    k = len(radii)
-    return [(cx + rad * math.cos(angle + 2 * math.pi * i / k), cy + rad * math.sin(angle + 2 * math.pi * i / k))
-            for i, rad in enumerate(radii)]
-
-
-def make_shapes(n, size=32, seed=0):
-    """(uint8 images [n, 3, size, size], labels int64 [n], captions): one anti-aliased shape each (lesson 01)."""
+POSITIONS = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
+def make_shapes(n, size=32, seed=0):  # (uint8 [n, 3, size, size], int64 labels [n], captions) (lesson 01)
     rng = np.random.default_rng(seed)
     shape_i, color_i, size_i, pos_i = (rng.integers(0, len(v), n) for v in (SHAPES, COLORS, SIZES, POSITIONS))
     jitter, scale, angle = rng.uniform(-0.3, 0.3, (n, 2)), rng.uniform(0.9, 1.1, n), rng.uniform(0, 2 * math.pi, n)
-    big, color_names, size_names = 4 * size, list(COLORS), list(SIZES)
+    big, color_names, size_names = 4 * size, list(COLORS), list(SIZES)  # drawn 4x large, then box-downsampled
     rgb = np.array([COLORS[c] for c in color_names], dtype=np.float32)  # [6, 3]
     masks, captions = np.empty((n, size, size), dtype=np.float32), []
     for i in range(n):
-        r = SIZES[size_names[size_i[i]]] * scale[i] * big
+        kind, r, a = SHAPES[shape_i[i]], SIZES[size_names[size_i[i]]] * scale[i] * big, angle[i]
         col, row = pos_i[i] % 3, pos_i[i] // 3  # centre in one of a 3x3 grid of cells inside [r, big - r]
-        cx = r + (col + 0.5 + jitter[i, 0]) / 3 * (big - 2 * r)
-        cy = r + (row + 0.5 + jitter[i, 1]) / 3 * (big - 2 * r)
+        cx, cy = (r + (c + 0.5 + jitter[i, k]) / 3 * (big - 2 * r) for k, c in enumerate((col, row)))
         img = Image.new("L", (big, big), 0)
-        kind = SHAPES[shape_i[i]]
         if kind == "circle":
             ImageDraw.Draw(img).ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-        else:
-            ImageDraw.Draw(img).polygon(shape_polygon(kind, cx, cy, r, angle[i]), fill=255)
+        elif kind == "cross":  # a plus sign: 12 vertices, arms of half-width w, rotated by a
+            w, c, s = 0.32 * r, math.cos(a), math.sin(a)
+            pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r),
+                   (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
+            ImageDraw.Draw(img).polygon([(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts], fill=255)
+        else:  # vertices at even angles from a, circumradius r (a star's inner ones at 0.45 r)
+            radii = {"square": [r] * 4, "triangle": [r] * 3, "star": [r, 0.45 * r] * 5}[kind]
+            pts = [(q, a + 2 * math.pi * j / len(radii)) for j, q in enumerate(radii)]
+            ImageDraw.Draw(img).polygon([(cx + q * math.cos(b), cy + q * math.sin(b)) for q, b in pts], fill=255)
         masks[i] = np.asarray(img.resize((size, size), Image.Resampling.BOX), dtype=np.float32) / 255
         captions.append(f"a {size_names[size_i[i]]} {color_names[color_i[i]]} {kind} "
                         f"{'in the' if pos_i[i] == 4 else 'at the'} {POSITIONS[pos_i[i]]}")
     images = masks[:, None] * rgb[color_i][:, :, None, None]  # [n, 1, H, W] * [n, 3, 1, 1] -> [n, 3, H, W]
     return torch.from_numpy(np.rint(images).astype(np.uint8)), torch.from_numpy(shape_i.astype(np.int64)), captions
 
-
-def to_unit(images):
-    """uint8 [0, 255] -> float [-1, 1], the range diffusion models are trained in (lesson 01)."""
+def to_unit(images):  # uint8 [0, 255] -> float [-1, 1], the range diffusion models are trained in (lesson 01)
     return images.float() / 127.5 - 1
-
-
-def to_uint8(x):
-    """float [-1, 1] -> uint8 [0, 255], values outside clipped (lesson 01)."""
+def to_uint8(x):  # float [-1, 1] -> uint8 [0, 255], values outside clipped (lesson 01)
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
-
 # The course's drawing kit (PIL: matplotlib is not a dependency), and heatmap, this lesson's addition to it
-PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207)]
 DIVERGING = [(59, 76, 192), (245, 245, 245), (180, 4, 38)]  # heatmap colour stops: blue, white, red
 HOT = [(0, 0, 0), (120, 20, 90), (230, 80, 30), (250, 200, 50), (255, 255, 230)]  # black to white
 
-
-def font(px):
-    return ImageFont.load_default(size=px)
-
-
-def grid(x_uint8, nrow, title, row_labels=(), col_labels=(), scale=3):
-    """uint8 [N, C, H, W] -> a titled PIL image of the grid, upscaled (nearest) so pixels stay crisp."""
+def grid(x_uint8, nrow, title, row_labels, col_labels):  # uint8 [N, C, H, W] -> a titled grid, upscaled 3x
     g = make_grid(x_uint8, nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy()  # [H', W', 3]
-    img = Image.fromarray(g).resize((g.shape[1] * scale, g.shape[0] * scale), Image.Resampling.NEAREST)
-    f = font(14)
-    left = max((int(f.getlength(s)) for s in row_labels), default=0) + 12 if row_labels else 8
-    top = 50 if col_labels else 32
+    img = Image.fromarray(g).resize((g.shape[1] * 3, g.shape[0] * 3), Image.Resampling.NEAREST)
+    f, top = ImageFont.load_default(14), 50
+    left = max(int(f.getlength(s)) for s in row_labels) + 12
     canvas = Image.new("RGB", (img.width + left + 8, img.height + top + 8), "white")
     canvas.paste(img, (left, top))
     d = ImageDraw.Draw(canvas)
-    d.text((canvas.width // 2, 6), title, fill="black", font=font(16), anchor="ma")
+    d.text((canvas.width // 2, 6), title, fill="black", font=ImageFont.load_default(16), anchor="ma")
     for i, s in enumerate(col_labels):  # labels centred over evenly spaced columns and rows
         d.text((left + (i + 0.5) * img.width / len(col_labels), top - 4), s, fill="black", font=f, anchor="md")
     for i, s in enumerate(row_labels):
         d.text((left - 6, top + (i + 0.5) * img.height / len(row_labels)), s, fill="black", font=f, anchor="rm")
     return canvas
 
-
-def ticks(lo, hi, log=False):
-    """Round tick values in [lo, hi]: powers of ten on a log axis, else 1, 2 or 5 times a power of ten apart."""
-    if log:
-        return [10.0 ** e for e in range(math.ceil(math.log10(lo)), math.floor(math.log10(hi)) + 1)]
-    raw = ((hi - lo) or 1.0) / 5
-    mag = 10 ** math.floor(math.log10(raw))
-    step = min(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step + 1e-9) + 1)]
-
-
-def axes(xlim, ylim, title, xlabel, ylabel, logx=False, logy=False, size=(480, 360)):
-    """A blank plot with ticks, grid, labels and title: returns (image, draw, to_px: data -> pixel)."""
-    img = Image.new("RGB", size, "white")
-    d, f = ImageDraw.Draw(img), font(13)
-    x0, y0, x1, y1 = 70, 50, size[0] - 20, size[1] - 50
-    tx, ty = (math.log10 if logx else float), (math.log10 if logy else float)
-
-    def to_px(x, y):
-        return (x0 + (tx(x) - tx(xlim[0])) / ((tx(xlim[1]) - tx(xlim[0])) or 1) * (x1 - x0),
-                y1 - (ty(y) - ty(ylim[0])) / ((ty(ylim[1]) - ty(ylim[0])) or 1) * (y1 - y0))
-
-    label = lambda v: f"{v:.0e}" if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3) else f"{v:g}"
-    for v in ticks(*xlim, logx):
-        px = to_px(v, ylim[0])[0]
-        d.line([(px, y0), (px, y1 + 4)], fill=(230, 230, 230))
-        d.text((px, y1 + 6), label(v), fill="black", font=f, anchor="ma")
-    for v in ticks(*ylim, logy):
-        py = to_px(xlim[0], v)[1]
-        d.line([(x0 - 4, py), (x1, py)], fill=(230, 230, 230))
-        d.text((x0 - 6, py), label(v), fill="black", font=f, anchor="rm")
-    d.rectangle((x0, y0, x1, y1), outline="black")
-    d.text(((x0 + x1) / 2, y1 + 24), xlabel, fill="black", font=f, anchor="ma")
-    d.text((x0 - 4, y0 - 8), ylabel, fill="black", font=f, anchor="ld")
-    d.text((size[0] / 2, 8), title, fill="black", font=font(15), anchor="ma")
-    return img, d, to_px
-
-
-def line_plot(series, title, xlabel, ylabel, logx=False, logy=False, ylim=None, size=(480, 360)):
-    """series: [(label, xs, ys)] -> a PIL image of the lines with a legend in the top-right corner."""
-    xs = [x for _, xs_, _ in series for x in xs_]
-    ys = [y for _, _, ys_ in series for y in ys_]
-    pad = 0 if logy else 0.05 * ((max(ys) - min(ys)) or 1)
-    ylim = ylim or (min(ys) - pad, max(ys) + pad)
-    img, d, to_px = axes((min(xs), max(xs)), ylim, title, xlabel, ylabel, logx, logy, size)
-    for k, (name, xs_, ys_) in enumerate(series):
-        color = PALETTE[k % len(PALETTE)]
-        pts = [to_px(x, min(max(y, ylim[0]), ylim[1])) for x, y in zip(xs_, ys_)]
-        d.line(pts, fill=color, width=2)
-        for px, py in pts if len(pts) <= 30 else ():  # few points: mark each measurement
-            d.ellipse((px - 3, py - 3, px + 3, py + 3), fill=color)
-        d.line([(size[0] - 170, 62 + 18 * k), (size[0] - 145, 62 + 18 * k)], fill=color, width=3)
-        d.text((size[0] - 140, 62 + 18 * k), name, fill="black", font=font(13), anchor="lm")
-    return img
-
-
-def save_row(path, images, title=""):
-    """Paste PIL images side by side under an optional title and save the PNG."""
-    top = 30 if title else 0
-    canvas = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images) + top), "white")
-    for k, im in enumerate(images):
-        canvas.paste(im, (sum(i.width for i in images[:k]), top))
-    ImageDraw.Draw(canvas).text((canvas.width // 2, 6), title, fill="black", font=font(16), anchor="ma")
-    canvas.save(path)
-
-
-def heatmap(v, lo, hi, stops, title, xlabel, ylabel, size):
-    """axes() filled with the array v [H, W], row 0 at the bottom, [lo, hi] mapped linearly through the colour
-    stops: returns (image, draw, to_px) like axes."""
-    img, d, to_px = axes((0, v.shape[1]), (0, v.shape[0]), title, xlabel, ylabel, size=size)
-    (x0, y1), (x1, y0) = to_px(0, 0), to_px(v.shape[1], v.shape[0])
-    u = np.clip((np.asarray(v, dtype=np.float64)[::-1] - lo) / (hi - lo), 0, 1) * (len(stops) - 1)
-    i, s = np.minimum(u.astype(int), len(stops) - 2), np.asarray(stops, dtype=np.float64)
-    rgb = (s[i] + (u - i)[..., None] * (s[i + 1] - s[i])).round().astype(np.uint8)  # [H, W, 3]
-    img.paste(Image.fromarray(rgb).resize((int(x1 - x0) - 1, int(y1 - y0) - 1)), (int(x0) + 1, int(y0) + 1))
-    return img, d, to_px
-
+def heatmap(v, lo, hi, stops):  # v [H, W] -> uint8 [3, H, W], [lo, hi] mapped linearly through the colour stops
+    u = ((v.double() - lo) / (hi - lo)).clamp(0, 1) * (len(stops) - 1)
+    i, s = u.long().clamp(max=len(stops) - 2), torch.tensor(stops, dtype=torch.float64)
+    return (s[i] + (u - i)[..., None] * (s[i + 1] - s[i])).round().to(torch.uint8).permute(2, 0, 1)
 
 if __name__ == "__main__":
     main()
