@@ -36,14 +36,16 @@ import math
 import os
 import sys
 import time
+from collections import OrderedDict
 from contextlib import nullcontext
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
-from torchvision.utils import make_grid
+import torchvision
 
 BATCH = 250  # images per model call
 PRECISION = "auto"  # "auto": bf16 autocast on CUDA and on CPUs with bf16 units; or "fp32", "bf16"
@@ -136,7 +138,10 @@ def ddim(model, x_T, alpha_bar, steps, eta=0.0, spacing="trailing", clip=False, 
 def dpmpp_2m(model, x_T, alpha_bar, steps, spacing="logsnr", clip=False, sde=False, generator=None):
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): h = lambda_s - lambda_t, r = h_prev / h,
         D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_hat_prev, x_s = sqrt((1-ab_s) / (1-ab_t)) x_t - sqrt(ab_s) (e^-h - 1) D.
-    The first step (D = x0_hat) is DDIM's; the last, to x_0, returns x0_hat. sde=True: see dpmpp_2m_sde."""
+    The first step (D = x0_hat) is DDIM's; the last, to x_0, returns x0_hat. sde=True: SDE-DPM-Solver++(2M) (sec. 5),
+    each step solving the reverse SDE, whose fresh noise corrects part of the model's error, as DDPM's does:
+        x_s = sqrt(1-ab_s)/sqrt(1-ab_t) e^-h x_t + sqrt(ab_s) (1 - e^-2h) D + sqrt(1-ab_s) sqrt(1 - e^-2h) z;
+    its first step (D = x0_hat) is DDPM's (DDIM, eta = 1)."""
     ts = timesteps(alpha_bar, steps, spacing)
     lam = lambda t: 0.5 * math.log(alpha_bar[t].item() / (1 - alpha_bar[t].item()))
     x, x0_prev, h_prev = x_T, None, None
@@ -180,13 +185,7 @@ def heun(model, x_T, alpha_bar, steps, spacing="time", clip=False):
         y = y_next
 
 
-def dpmpp_2m_sde(model, x_T, alpha_bar, steps, spacing="logsnr", clip=False, generator=None):
-    """SDE-DPM-Solver++(2M) (Lu et al. 2022, sec. 5): the same D, each step solving the reverse SDE (fresh noise
-        x_s = sqrt(1-ab_s)/sqrt(1-ab_t) e^-h x_t + sqrt(ab_s) (1 - e^-2h) D + sqrt(1-ab_s) sqrt(1 - e^-2h) z
-    corrects part of the model's error, as DDPM's does). Its first step (D = x0_hat) is DDPM's (DDIM, eta = 1)."""
-    return dpmpp_2m(model, x_T, alpha_bar, steps, spacing, clip, sde=True, generator=generator)
-
-
+dpmpp_2m_sde = partial(dpmpp_2m, sde=True)  # SDE-DPM-Solver++(2M): see dpmpp_2m
 SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpm++2m": dpmpp_2m, "heun": heun, "dpm++2m-sde": dpmpp_2m_sde}
 
 
@@ -245,9 +244,9 @@ def load_model(path, device):
     """A 04 checkpoint -> (model(x, t) -> eps with the EMA weights, alpha_bar float64 [T], config)."""
     ckpt = read_checkpoint(path)
     cfg = ckpt["config"]
-    net = UNet(in_ch=cfg["channels"], base_ch=cfg["base_ch"], ch_mult=tuple(cfg["ch_mult"]))
-    net.load_state_dict(ckpt["ema"])  # the EMA weights: the raw weights give visibly worse samples
-    net.to(device).eval().requires_grad_(False)
+    cfg["shape"] = (cfg["channels"], cfg["image_size"], cfg["image_size"])  # one image: (C, H, W)
+    net = UNet(in_ch=cfg["channels"], base_ch=cfg["base_ch"], ch_mult=tuple(cfg["ch_mult"])).eval().to(device)
+    net.requires_grad_(False).load_state_dict(ckpt["ema"])  # the EMA weights: the raw weights give worse samples
     alpha_bar = alpha_bar_of(cosine_betas(cfg["T"]) if cfg["schedule"] == "cosine" else linear_betas(cfg["T"]))
     bf16 = bf16_supported(device) if PRECISION == "auto" else PRECISION == "bf16"
 
@@ -265,9 +264,8 @@ def load_model(path, device):
 # %% Experiment 1: exactness on the Gaussian mixture (order of convergence)
 def exactness(out, quick, seed):
     alpha_bar = alpha_bar_of(cosine_betas(1000))
-    model = mixture_eps_model(*mixture(), alpha_bar)
+    model, t0 = mixture_eps_model(*mixture(), alpha_bar), time.time()
     x_T = torch.randn(200 if quick else 2000, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    t0 = time.time()
     ref = dpmpp_2m(model, x_T, alpha_bar, 1000, spacing="time")  # the finest grid the model's t allows
     ref_heun = heun(model, x_T, alpha_bar, 1000, spacing="time")
     steps = [5, 10, 20, 50] if quick else [5, 10, 20, 50, 100, 200]
@@ -286,8 +284,8 @@ def exactness(out, quick, seed):
     c1, c2 = 0.4 * series[1][2][0] * steps[0], 0.4 * series[2][2][1] * steps[1] ** 2  # guides near DDIM and DPM++
     series += [("slope -1", steps, [c1 / n for n in steps]), ("slope -2", steps, [c2 / n ** 2 for n in steps])]
     ys = [y for s in series for y in s[2]]
-    loglog_plot(series, "error against a reference ODE solve (exact eps, 2D mixture)", "model evaluations (NFE)",
-                "mean |x_0 - x_0_ref| (log)", (min(ys) / 1.5, max(ys) * 2)).save(os.path.join(out, "05_exactness.png"))
+    loglog_plot(os.path.join(out, "05_exactness.png"), series, "error against a reference ODE solve (exact eps, "
+                "2D mixture)", "model evaluations (NFE)", "mean |x_0 - x_0_ref| (log)", (min(ys) / 1.5, max(ys) * 2))
 
 
 # %% Experiment 2: quality against NFE on images, with the Frechet distance
@@ -308,16 +306,14 @@ def run_sampler(name, model, x_T, alpha_bar, nfe, args, device):
 
 def quality(out, args, model, alpha_bar, cfg, data, device):
     train, labels, held, labels_held, n_classes = data
-    n = min(args.samples, len(held), len(train))
-    t0 = time.time()
+    n, t0 = min(args.samples, len(held), len(train)), time.time()
     clf = train_classifier(train, labels, n_classes, device, 20 if args.quick else 400, cfg["seed"])
     f_real, c_real = features_and_classes(clf, to_unit(held[:n]), device)
     floor = frechet_distance(features_and_classes(clf, to_unit(train[:n]), device)[0], f_real)
     print(f"\nquality: Frechet distance to {n} held-out real images on a {n_classes}-class classifier's features "
           f"(classifier: {(c_real == labels_held[:n]).float().mean().item():.0%} accurate on them, trained in "
           f"{time.time() - t0:.0f} s); floor FD(real, real) at {n} = {floor:.2f}")
-    x_T = torch.randn(n, cfg["channels"], cfg["image_size"], cfg["image_size"],
-                      generator=torch.Generator().manual_seed(args.seed))  # the same noise for every run
+    x_T = torch.randn(n, *cfg["shape"], generator=torch.Generator().manual_seed(args.seed))  # same for every run
     rows = []
     print(f"  {'sampler':11s} {'NFE':>5s} {'FD':>8s} {'images/s':>9s}")
     for name in args.samplers:
@@ -327,28 +323,25 @@ def quality(out, args, model, alpha_bar, cfg, data, device):
             fd = frechet_distance(features_and_classes(clf, x0, device)[0], f_real)
             rows.append((name, used, fd, x0[:8]))
             print(f"  {name:11s} {used:5d} {fd:8.2f} {n / secs:9.1f}", flush=True)
+    xs, ys = [r[1] for r in rows], [r[2] for r in rows] + [floor]  # series: [(label, NFEs, FDs)]
     series = [(name + (f" (eta={args.eta:g})" if name == "ddim" else ""), *zip(*[r[1:3] for r in rows if r[0] == name]))
-              for name in args.samplers]  # (label, NFEs, FDs)
-    xs, ys = [r[1] for r in rows], [r[2] for r in rows] + [floor]
-    series.append(("floor: real vs real", [min(xs), max(xs)], [floor, floor]))
-    loglog_plot(series, f"sample quality against model evaluations ({n} samples each)", "model evaluations per "
-                "image (NFE, log scale)", "Frechet distance (lower is better, log)",  # ylim: room for the legend
-                ylim=(max(min(ys) * 0.7, 1e-3), max(ys) * 4)).save(os.path.join(out, "05_quality.png"))
-    grid(to_uint8(torch.cat([r[3] for r in rows])), 8, "the same 8 starting noises through every sampler and NFE",
-         row_labels=[f"{r[0]}, NFE {r[1]}" for r in rows], scale=2).save(os.path.join(out, "05_grid.png"))
+              for name in args.samplers] + [("floor: real vs real", [min(xs), max(xs)], [floor, floor])]
+    loglog_plot(os.path.join(out, "05_quality.png"), series, f"sample quality against model evaluations ({n} "
+                "samples each)", "model evaluations per image (NFE, log scale)", "Frechet distance (lower is better, "
+                "log)", (max(min(ys) * 0.7, 1e-3), max(ys) * 4))  # ylim: room for the legend
+    grid(os.path.join(out, "05_grid.png"), torch.cat([r[3] for r in rows]), 8,
+         "the same 8 starting noises through every sampler and NFE", [f"{r[0]}, NFE {r[1]}" for r in rows])
 
 
 # %% Experiment 3: DDIM determinism, inversion and interpolation
 def determinism(out, model, alpha_bar, cfg, args, device):
-    x_T = torch.randn(6, cfg["channels"], cfg["image_size"], cfg["image_size"],
-                      generator=torch.Generator().manual_seed(args.seed + 2)).to(device)
+    x_T = torch.randn(6, *cfg["shape"], generator=torch.Generator().manual_seed(args.seed + 2)).to(device)
     ns, n_ddpm = ([2, 4], 4) if args.quick else ([10, 20, 50, 100], 50)
     rows = [ddim(model, x_T, alpha_bar, n, clip=args.clip).cpu() for n in ns]
     rows += [ddpm(model, x_T, alpha_bar, n_ddpm, clip=args.clip, generator=torch.Generator().manual_seed(s)).cpu()
              for s in (1, 2)]
-    grid(to_uint8(torch.cat(rows)), 6, "one x_T per column: DDIM keeps its image, DDPM draws a new one",
-         row_labels=[f"DDIM {n} steps" for n in ns] + [f"DDPM {n_ddpm}, draws #{s}" for s in (1, 2)],
-         scale=2).save(os.path.join(out, "05_determinism.png"))
+    grid(os.path.join(out, "05_determinism.png"), torch.cat(rows), 6, "one x_T per column: DDIM keeps its image, "
+         "DDPM draws a new one", [f"DDIM {n} steps" for n in ns] + [f"DDPM {n_ddpm}, draws #{s}" for s in (1, 2)])
 
 
 def inversion(out, model, alpha_bar, held, args, device):
@@ -368,26 +361,23 @@ def inversion(out, model, alpha_bar, held, args, device):
             shown[t_end, n] = (x_T.cpu(), rec.cpu())
     n = 4 if args.quick else 50
     rows = torch.cat([x.cpu(), shown[T - 51, n][0] / 3, shown[T - 51, n][1], shown[T - 11, n][1], shown[T - 1, n][1]])
-    grid(to_uint8(rows), 6, f"DDIM inversion, {n} steps each way: image -> noise -> image",
-         row_labels=["real image", f"x_t at t={T - 51} (/3)", f"back from t={T - 51}", f"back from t={T - 11}",
-                     f"back from t={T - 1}"], scale=2).save(os.path.join(out, "05_inversion.png"))
+    grid(os.path.join(out, "05_inversion.png"), rows, 6, f"DDIM inversion, {n} steps each way: image -> noise -> "
+         "image", ["real image", f"x_t at t={T - 51} (/3)"] + [f"back from t={T - k}" for k in (51, 11, 1)])
 
 
 def interpolation(out, model, alpha_bar, cfg, args, device):
     print("\nslerp against lerp between two noises:")
-    shape = (cfg["channels"], cfg["image_size"], cfg["image_size"])
-    g, a = torch.Generator().manual_seed(args.seed + 3), torch.linspace(0, 1, 9)
-    rows = []
+    g, a, rows = torch.Generator().manual_seed(args.seed + 3), torch.linspace(0, 1, 9), []
     for pair in range(2):
-        z0, z1 = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        z0, z1 = torch.randn(cfg["shape"], generator=g), torch.randn(cfg["shape"], generator=g)
         for kind in ("slerp", "lerp"):
             zs = torch.stack([slerp(z0, z1, w) if kind == "slerp" else (1 - w) * z0 + w * z1 for w in a])
             rows.append(dpmpp_2m(model, zs.to(device), alpha_bar, 4 if args.quick else 20, clip=args.clip).cpu())
             if pair == 0:
                 print(f"  {kind}: |z| / sqrt(dim) at the midpoint = {zs[4].norm() / math.sqrt(z0.numel()):.3f}")
-    grid(to_uint8(torch.cat(rows)), 9, "from x_T(a) = slerp or lerp between two noises, a = 0 ... 1 (DPM-Solver++(2M))",
-         row_labels=[f"pair {p}, {kind}" for p in (1, 2) for kind in ("slerp", "lerp")],
-         col_labels=[f"a={w:.3g}" for w in a.tolist()], scale=2).save(os.path.join(out, "05_interpolation.png"))
+    grid(os.path.join(out, "05_interpolation.png"), torch.cat(rows), 9, "from x_T(a) = slerp or lerp between two "
+         "noises, a = 0 ... 1 (DPM-Solver++(2M))", [f"pair {p}, {kind}" for p in (1, 2) for kind in ("slerp", "lerp")],
+         [f"a={w:.3g}" for w in a.tolist()])
 
 
 # %% Main
@@ -411,10 +401,10 @@ def main(argv=None):
 
 
 def parse_args(argv=None):
-    if argv is None and "ipykernel" in sys.modules:  # in Jupyter, sys.argv holds the kernel's own flags
-        argv = []
-    p = Parser(description="Lesson 05: samplers over a lesson-04 checkpoint, measured.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    argv = [] if argv is None and "ipykernel" in sys.modules else argv  # in Jupyter, sys.argv holds the kernel's flags
+    p = argparse.ArgumentParser(description="Lesson 05: samplers over a lesson-04 checkpoint, measured.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda message: fail(f"{message} (see --help)")  # one line and exit status 2, not argparse's usage block
     a = p.add_argument
     a("--ckpt", default="runs/04/ckpt.pt", help="a checkpoint from 04_train.py (with --quick: runs/quick/04/ckpt.pt)")
     a("--samplers", default="ddpm,ddim,dpm++2m,heun,dpm++2m-sde", help="which samplers the quality table compares")
@@ -430,11 +420,9 @@ def parse_args(argv=None):
     a("--out", default="figures", help="folder for the figures (with --quick: runs/quick)")
     a("--quick", action="store_true", help="tiny settings for a smoke test (seconds), never over the defaults")
     args = p.parse_args(argv)
-    try:
-        args.nfe = sorted({int(n) for n in args.nfe.split(",")})
-    except ValueError:
+    if not all(n.strip().isdigit() for n in args.nfe.split(",")):
         fail(f"--nfe must be integers separated by commas, like 5,10,20 (got {args.nfe!r})")
-    args.samplers = args.samplers.split(",")
+    args.nfe, args.samplers = sorted({int(n) for n in args.nfe.split(",")}), args.samplers.split(",")
     if not set(args.samplers) <= set(SAMPLERS):
         fail(f"unknown sampler in --samplers {','.join(args.samplers)}; choose from {', '.join(SAMPLERS)}")
     if args.quick:  # never over the defaults: a quick run reads and writes under runs/quick/
@@ -448,13 +436,9 @@ def parse_args(argv=None):
 
 # %% Appendix: pieces from earlier lessons
 FORMAT = "dmfs-04-v1"  # the tag lesson 04 writes into its checkpoints
-
-
-def read_checkpoint(path):
-    """A lesson-04 checkpoint dict, or one line that names the fix and exit status 2 (lesson 04)."""
+def read_checkpoint(path):  # a lesson-04 checkpoint dict, or one line that names the fix and exit status 2 (lesson 04)
     if not os.path.isfile(path):
-        fail(f"no checkpoint at {path}; train one first with python 04_train.py (--quick writes "
-             "runs/quick/04/ckpt.pt) or pass --ckpt PATH")
+        fail(f"no checkpoint at {path}; train one with python 04_train.py (--quick for a test) or pass --ckpt PATH")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -463,149 +447,89 @@ def read_checkpoint(path):
         fail(f"{path} was not written by 04_train.py (no format tag {FORMAT!r}); pass a 04 checkpoint")
     return ckpt
 
+def bf16_supported(device):  # CUDA with bf16, or a CPU with bf16 units; plain AVX-512 only emulates it (lesson 04)
+    units = [getattr(torch.cpu, f, lambda: False) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and any(u() for u in units)
 
-def cpu_has_bf16():
-    """bf16 units (AVX512-BF16 or AMX). oneDNN's own check also says yes on AVX-512 CPUs without them, where bf16
-    is emulated and slower than fp32 (03_unet.py --bench measures it) (lesson 04)."""
-    cpu = torch.cpu
-    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
-def bf16_supported(device):
-    """CUDA with bf16, or a CPU with bf16 units (lesson 03)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and cpu_has_bf16()
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a user's mistake in one line and exits with status 2 (every lesson)."""
-
-    def error(self, message):
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def fail(message):
-    """One line naming the fix, exit status 2, no traceback (every lesson)."""
+def fail(message):  # one line naming the fix, exit status 2, no traceback (every lesson)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
-
-def pick_device(name):
-    """auto: cuda, then mps, then cpu; a device that is not there exits 2 (every lesson)."""
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not mps):
+def pick_device(name):  # auto: cuda, then mps, then cpu; a device that is not there exits 2 (every lesson)
+    there = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(d for d in there if there[d]) if name == "auto" else name
+    if not there[name]:
         fail(f"--device {name} was asked for but {name.upper()} is not available; use --device cpu (or auto)")
     return torch.device(name)
 
-
-def linear_betas(T):
-    """DDPM's schedule: beta_t linear from 1e-4 to 0.02, float64 [T] (lesson 01)."""
+def linear_betas(T):  # DDPM's schedule: beta_t linear from 1e-4 to 0.02, float64 [T] (lesson 01)
     return torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
-
-
-def cosine_betas(T, s=0.008):
-    """Improved DDPM's schedule: alpha_bar_t = f(t)/f(0), betas clipped at 0.999, float64 [T] (lesson 01)."""
-    steps = torch.arange(T + 1, dtype=torch.float64) / T
-    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+def cosine_betas(T, s=0.008):  # improved DDPM's: alpha_bar_t = f(t) / f(0), betas clipped at 0.999 (lesson 01)
+    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
     return (1 - f[1:] / f[:-1]).clamp(max=0.999)
-
-
-def alpha_bar_of(betas):
-    """alpha_bar_t = prod_{s<=t} (1 - beta_s) (lesson 01)."""
+def alpha_bar_of(betas):  # alpha_bar_t = prod_{s<=t} (1 - beta_s) (lesson 01)
     return torch.cumprod(1 - betas, dim=0)
-
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240),
           "yellow": (240, 220, 40), "magenta": (220, 50, 220), "cyan": (40, 220, 230)}
 SIZES = {"small": 0.20, "medium": 0.28, "large": 0.36}  # radius as a fraction of the image side
-POSITIONS = ("top left", "top", "top right", "left", "centre", "right",
-             "bottom left", "bottom", "bottom right")
-
-
-def shape_polygon(kind, cx, cy, r, angle):
-    """Vertices of a square, triangle, star or cross centred at (cx, cy), circumradius r, rotated (lesson 01)."""
-    if kind == "cross":  # a plus sign: 12 vertices, arms of half-width w
-        w = 0.32 * r
-        pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r),
-               (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
-        c, s = math.cos(angle), math.sin(angle)
-        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
-    radii = {"square": [r] * 4, "triangle": [r] * 3, "star": [r, 0.45 * r] * 5}[kind]
-    k = len(radii)
-    return [(cx + rad * math.cos(angle + 2 * math.pi * i / k), cy + rad * math.sin(angle + 2 * math.pi * i / k))
-            for i, rad in enumerate(radii)]
-
-
-def make_shapes(n, size=32, seed=0):
-    """(uint8 images [n, 3, size, size], labels int64 [n], captions): one anti-aliased shape each (lesson 01)."""
+POSITIONS = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
+def make_shapes(n, size=32, seed=0):  # (uint8 [n, 3, size, size], int64 labels [n], captions) (lesson 01)
     rng = np.random.default_rng(seed)
     shape_i, color_i, size_i, pos_i = (rng.integers(0, len(v), n) for v in (SHAPES, COLORS, SIZES, POSITIONS))
     jitter, scale, angle = rng.uniform(-0.3, 0.3, (n, 2)), rng.uniform(0.9, 1.1, n), rng.uniform(0, 2 * math.pi, n)
-    big, color_names, size_names = 4 * size, list(COLORS), list(SIZES)
-    rgb = np.array([COLORS[c] for c in color_names], dtype=np.float32)  # [6, 3]
+    big, color_names, size_names = 4 * size, list(COLORS), list(SIZES)  # drawn 4x large, then box-downsampled
     masks, captions = np.empty((n, size, size), dtype=np.float32), []
     for i in range(n):
-        r = SIZES[size_names[size_i[i]]] * scale[i] * big
+        r, kind, a = SIZES[size_names[size_i[i]]] * scale[i] * big, SHAPES[shape_i[i]], angle[i]
         col, row = pos_i[i] % 3, pos_i[i] // 3  # centre in one of a 3x3 grid of cells inside [r, big - r]
-        cx = r + (col + 0.5 + jitter[i, 0]) / 3 * (big - 2 * r)
-        cy = r + (row + 0.5 + jitter[i, 1]) / 3 * (big - 2 * r)
+        cx, cy = r + (col + 0.5 + jitter[i, 0]) / 3 * (big - 2 * r), r + (row + 0.5 + jitter[i, 1]) / 3 * (big - 2 * r)
         img = Image.new("L", (big, big), 0)
-        kind = SHAPES[shape_i[i]]
         if kind == "circle":
             ImageDraw.Draw(img).ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-        else:
-            ImageDraw.Draw(img).polygon(shape_polygon(kind, cx, cy, r, angle[i]), fill=255)
+        elif kind == "cross":  # a plus sign: 12 vertices, arms of half-width w, rotated by a
+            w, c, s = 0.32 * r, math.cos(a), math.sin(a)
+            pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r),
+                   (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
+            ImageDraw.Draw(img).polygon([(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts], fill=255)
+        else:  # vertices at even angles from a, circumradius r (a star's inner ones at 0.45 r)
+            radii = {"square": [r] * 4, "triangle": [r] * 3, "star": [r, 0.45 * r] * 5}[kind]
+            ang = [a + 2 * math.pi * j / len(radii) for j in range(len(radii))]
+            ImageDraw.Draw(img).polygon([(cx + q * math.cos(b), cy + q * math.sin(b)) for q, b in zip(radii, ang)],
+                                        fill=255)
         masks[i] = np.asarray(img.resize((size, size), Image.Resampling.BOX), dtype=np.float32) / 255
         captions.append(f"a {size_names[size_i[i]]} {color_names[color_i[i]]} {kind} "
                         f"{'in the' if pos_i[i] == 4 else 'at the'} {POSITIONS[pos_i[i]]}")
+    rgb = np.array([COLORS[c] for c in color_names], dtype=np.float32)  # [6, 3]
     images = masks[:, None] * rgb[color_i][:, :, None, None]  # [n, 1, H, W] * [n, 3, 1, 1] -> [n, 3, H, W]
     return torch.from_numpy(np.rint(images).astype(np.uint8)), torch.from_numpy(shape_i.astype(np.int64)), captions
 
-
-def to_unit(images):
-    """uint8 [0, 255] -> float [-1, 1], the range diffusion models are trained in (lesson 01)."""
+def to_unit(images):  # uint8 [0, 255] -> float [-1, 1], the range diffusion models are trained in (lesson 01)
     return images.float() / 127.5 - 1
 
-
-def to_uint8(x):
-    """float [-1, 1] -> uint8 [0, 255], values outside clipped (lesson 01)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def real_images(cfg):
-    """The checkpoint's data, split as lesson 04 splits it: (train, labels, held-out, labels, number of classes)."""
+def real_images(cfg):  # the checkpoint's data, as 04 splits it: (train, labels, held-out, labels, number of classes)
+    n_shapes, size = cfg.get("n_shapes", 2000 if cfg.get("quick") else 10_000), cfg["image_size"]  # older 04s lack it
     if cfg["dataset"] == "shapes":
-        n = cfg.get("n_shapes", 2000 if cfg.get("quick") else 10_000)
-        images, labels, _ = make_shapes(n, size=cfg["image_size"], seed=cfg["seed"])
-        n_classes = len(SHAPES)
+        (images, labels, _), n_classes = make_shapes(n_shapes, size, cfg["seed"]), len(SHAPES)
     else:
-        images, labels, n_classes = load_torchvision(cfg["dataset"], cfg.get("data_dir", "data"), cfg["image_size"])
-    n_hold = min(len(images) // 5, 2000)
+        images, labels, n_classes = load_torchvision(cfg["dataset"], cfg["data_dir"], size)
+    n_hold = min(len(images) // 5, 2000)  # 04's held-out images: the real side of the metric
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg["seed"]))
     return images[perm[n_hold:]], labels[perm[n_hold:]], images[perm[:n_hold]], labels[perm[:n_hold]], n_classes
 
-
-def load_torchvision(name, data_dir, size):
-    """mnist, fashion-mnist, cifar10 or folder as lesson 04 loads it: (uint8 [N, C, size, size], labels, classes)."""
-    import torchvision
-    import torchvision.transforms.functional as TF
+def load_torchvision(name, data_dir, size):  # mnist, fashion-mnist, cifar10, folder -> (uint8, labels, classes)
     try:
         if name == "folder":  # resized and centre-cropped; one channel if every image is greyscale
-            ds = torchvision.datasets.ImageFolder(data_dir)
+            ds, TF = torchvision.datasets.ImageFolder(data_dir), torchvision.transforms.functional
             mode = "L" if all(Image.open(p).mode in ("1", "L") for p, _ in ds.samples) else "RGB"
-            pics = [TF.resize(Image.open(p).convert(mode), size, antialias=True) for p, _ in ds.samples]
-            return torch.stack([TF.pil_to_tensor(TF.center_crop(x, size)) for x in pics]), torch.tensor(ds.targets), \
-                len(ds.classes)
+            pics = [TF.center_crop(TF.resize(Image.open(p).convert(mode), size, antialias=True), size)
+                    for p, _ in ds.samples]
+            return torch.stack([TF.pil_to_tensor(x) for x in pics]), torch.tensor(ds.targets), len(ds.classes)
         ds = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
               "cifar10": torchvision.datasets.CIFAR10}[name](data_dir, train=True, download=True)
     except Exception as e:  # moved, never downloaded, no network: the fix is the same
-        fail(f"could not load the checkpoint's {name} data from {data_dir!r} ({type(e).__name__}); run 05 from "
-             "where 04_train.py ran")
+        fail(f"could not load the checkpoint's {name} data from {data_dir!r} ({type(e).__name__}); run 05 where 04 ran")
     data = torch.as_tensor(np.asarray(ds.data))  # MNIST: [N, 28, 28]; CIFAR-10: [N, 32, 32, 3]
     data = data[:, None] if data.dim() == 3 else data.permute(0, 3, 1, 2)
     pad = (size - data.shape[-1]) // 2  # 28x28 digits are padded with background to 32 (or resized otherwise)
@@ -614,43 +538,28 @@ def load_torchvision(name, data_dir, size):
             F.interpolate(data.float(), size=(size, size), mode="bilinear", antialias=True).round().byte()
     return data, torch.as_tensor(np.asarray(ds.targets)), len(ds.classes)
 
-
-def timestep_embedding(t, dim):
-    """t int64 [B] -> float [B, dim]: sin and cos of t at frequencies from 1 to 1/10000 (lesson 03)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]  # [B, half]
+def timestep_embedding(t, dim):  # t int64 [B] -> [B, dim]: sin, cos of t at frequencies 1 ... 1/10000 (lesson 03)
+    freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device, dtype=torch.float32) / (dim // 2))
+    args = t.float()[:, None] * freqs[None]  # [B, dim / 2]
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # [B, dim]
-
-
-def group_norm(ch):
-    """GroupNorm with up to 32 groups (lesson 03)."""
+def group_norm(ch):  # GroupNorm with 32 groups where the channels allow (lesson 03)
     return nn.GroupNorm(math.gcd(32, ch), ch)
 
-
-class ResBlock(nn.Module):
-    """skip(x) + conv(SiLU(GN(conv(SiLU(GN(x)))) * (1 + scale) + shift)), then optional attention (lesson 03)."""
-
+class ResBlock(nn.Module):  # skip(x) + conv(SiLU(GN(conv(SiLU(GN(x)))) (1 + scale) + shift)), attention (lesson 03)
     def __init__(self, c_in, c_out, emb_dim, attn=False):
         super().__init__()
-        self.norm1 = group_norm(c_in)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * c_out)  # time embedding -> per-channel (scale, shift)
-        self.norm2 = group_norm(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         self.attn = Attention(c_out) if attn else nn.Identity()
 
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # 2 x [B, C_out, 1, 1]
-        h = self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift))
-        return self.attn(self.skip(x) + h)
+        return self.attn(self.skip(x) + self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift)))
 
-
-class Attention(nn.Module):
-    """Four-head self-attention among the H*W positions of a feature map, with a residual (lesson 03)."""
-
+class Attention(nn.Module):  # four-head self-attention among the H*W positions, with a residual (lesson 03)
     def __init__(self, ch, heads=4):
         super().__init__()
         self.heads, self.norm = heads, group_norm(ch)
@@ -658,39 +567,23 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
-        q, k, v = qkv.transpose(3, 4).unbind(1)  # 3 x [B, heads, HW, C/heads]
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).transpose(3, 4).unbind(1)
         return x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(B, C, H, W))
 
-
-class Resample(nn.Module):
-    """Lesson 03's Downsample (a stride-2 3x3 conv) or Upsample (nearest x2, then a 3x3 conv)."""
-
-    def __init__(self, ch, up):
-        super().__init__()
-        self.up, self.conv = up, nn.Conv2d(ch, ch, 3, stride=1 if up else 2, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest") if self.up else x)
-
-
-class UNet(nn.Module):
-    """eps_theta(x_t, t) as lesson 04 builds it (lesson 03): 2 ResBlocks a level down, 3 up, attention at level 2."""
-
+class UNet(nn.Module):  # eps_theta(x_t, t) as 04 builds it (lesson 03): 2 ResBlocks a level down, 3 up, attention at 2
     def __init__(self, in_ch=3, base_ch=32, ch_mult=(1, 2, 2)):
         super().__init__()
         self.base_ch, emb_dim = base_ch, 4 * base_ch
         self.time_mlp = nn.Sequential(nn.Linear(base_ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(in_ch, base_ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        chans, ch = [base_ch], base_ch  # channels of every skip, in the order they are saved
+        self.down, chans, ch = nn.ModuleList(), [base_ch], base_ch  # chans: every skip's channels, in order
         for level, mult in enumerate(ch_mult):
             for _ in range(2):
                 self.down.append(ResBlock(ch, base_ch * mult, emb_dim, attn=level == 2))
                 ch = base_ch * mult
                 chans.append(ch)
-            if level < len(ch_mult) - 1:
-                self.down.append(Resample(ch, up=False))
+            if level < len(ch_mult) - 1:  # Downsample, named as lesson 03's: a stride-2 3x3 conv
+                self.down.append(nn.Sequential(OrderedDict(conv=nn.Conv2d(ch, ch, 3, stride=2, padding=1))))
                 chans.append(ch)
         self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, attn=True), ResBlock(ch, ch, emb_dim)])
         self.up = nn.ModuleList()
@@ -698,10 +591,10 @@ class UNet(nn.Module):
             for _ in range(3):
                 self.up.append(ResBlock(ch + chans.pop(), base_ch * mult, emb_dim, attn=level == 2))
                 ch = base_ch * mult
-            if level > 0:
-                self.up.append(Resample(ch, up=True))
-        self.norm_out = group_norm(ch)
-        self.conv_out = nn.Conv2d(ch, in_ch, 3, padding=1)
+            if level > 0:  # Upsample: nearest x2, then a 3x3 conv
+                self.up.append(nn.Sequential(OrderedDict(up=nn.Upsample(scale_factor=2),
+                                                         conv=nn.Conv2d(ch, ch, 3, padding=1))))
+        self.norm_out, self.conv_out = group_norm(ch), nn.Conv2d(ch, in_ch, 3, padding=1)
 
     def forward(self, x, t):
         emb = self.time_mlp(timestep_embedding(t, self.base_ch))  # [B, 4 base_ch]
@@ -716,36 +609,22 @@ class UNet(nn.Module):
             h = block(torch.cat([h, skips.pop()], dim=1), emb) if isinstance(block, ResBlock) else block(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
-
-def to_eps_x0(pred, out, x_t, ab):
-    """The network's output -> (eps_hat, x0_hat), whatever it predicts (lesson 04)."""
+def to_eps_x0(pred, out, x_t, ab):  # the network's output -> (eps_hat, x0_hat), whatever it predicts (lesson 04)
     if pred == "eps":
         return out, (x_t - (1 - ab).sqrt() * out) / ab.sqrt()
     if pred == "x0":
         return (x_t - ab.sqrt() * out) / (1 - ab).sqrt(), out
     return (1 - ab).sqrt() * x_t + ab.sqrt() * out, ab.sqrt() * x_t - (1 - ab).sqrt() * out  # from v
 
+def Classifier(in_ch, n_classes):  # the metric's CNN (lesson 04): body -> 128-d features (what FD compares) -> head
+    return nn.Sequential(OrderedDict(body=nn.Sequential(
+        nn.Conv2d(in_ch, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.SiLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.GroupNorm(8, 64), nn.SiLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, 3, padding=1), nn.GroupNorm(8, 128), nn.SiLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten()), head=nn.Linear(128, n_classes)))
 
-class Classifier(nn.Module):
-    """The metric's small CNN; its 128-d penultimate features are what the Frechet distance compares (lesson 04)."""
-
-    def __init__(self, in_ch, n_classes):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(in_ch, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.SiLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.GroupNorm(8, 64), nn.SiLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 3, padding=1), nn.GroupNorm(8, 128), nn.SiLU(), nn.AdaptiveAvgPool2d(1),
-            nn.Flatten())  # [B, 128]
-        self.head = nn.Linear(128, n_classes)
-
-    def forward(self, x):
-        return self.head(self.body(x))
-
-
-def train_classifier(images, labels, n_classes, device, steps, seed):
-    """A few hundred steps of Adam on real images in [-1, 1] (lesson 04)."""
-    g = torch.Generator().manual_seed(seed)
-    clf = Classifier(images.shape[1], n_classes).to(device)
+def train_classifier(images, labels, n_classes, device, steps, seed):  # Adam on real images in [-1, 1] (lesson 04)
+    clf, g = Classifier(images.shape[1], n_classes).to(device), torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(clf.parameters(), 2e-3)
     for _ in range(steps):
         idx = torch.randint(len(images), (128,), generator=g)
@@ -755,93 +634,67 @@ def train_classifier(images, labels, n_classes, device, steps, seed):
         opt.step()
     return clf.eval()
 
-
 @torch.no_grad()
-def features_and_classes(clf, x, device, batch=256):
-    """The classifier's features (float64, CPU) and predicted classes of x in [-1, 1] (lesson 04)."""
-    feats, classes = [], []
-    for i in range(0, len(x), batch):
-        f = clf.body(x[i:i + batch].to(device))
-        feats.append(f.double().cpu())
-        classes.append(clf.head(f).argmax(1).cpu())
-    return torch.cat(feats), torch.cat(classes)
+def features_and_classes(clf, x, device):  # features (float64, CPU) and predicted classes of x in [-1, 1] (lesson 04)
+    feats = [clf.body(x[i:i + 256].to(device)) for i in range(0, len(x), 256)]
+    return torch.cat([f.double().cpu() for f in feats]), torch.cat([clf.head(f).argmax(1).cpu() for f in feats])
 
-
-def frechet_distance(f1, f2):
-    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2) between two feature sets [N, D] (lesson 04)."""
-    mu1, mu2 = f1.mean(0), f2.mean(0)
+def frechet_distance(f1, f2):  # |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2) of features [N, D] (lesson 04)
     s1, s2 = torch.cov(f1.T), torch.cov(f2.T)
     w, V = torch.linalg.eigh(s1)
     s1_half = V @ torch.diag(w.clamp(min=0).sqrt()) @ V.T
     cross = torch.linalg.eigvalsh(s1_half @ s2 @ s1_half).clamp(min=0).sqrt().sum()
-    return ((mu1 - mu2).square().sum() + torch.trace(s1) + torch.trace(s2) - 2 * cross).item()
+    return ((f1.mean(0) - f2.mean(0)).square().sum() + torch.trace(s1) + torch.trace(s2) - 2 * cross).item()
 
-
-# The drawing kit, for 05's log-log plots only; a grey joins the palette (the exactness plot has seven lines)
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207),
-           (120, 120, 120)]
+           (120, 120, 120)]  # the drawing kit's colours; a grey joins them, as the exactness plot has seven lines
 
-
-def font(px):
-    return ImageFont.load_default(size=px)
-
-
-def grid(x_uint8, nrow, title, row_labels=(), col_labels=(), scale=3):
-    """uint8 [N, C, H, W] -> a titled PIL image of the grid, upscaled (nearest) so pixels stay crisp."""
-    g = make_grid(x_uint8, nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy()  # [H', W', 3]
-    img = Image.fromarray(g).resize((g.shape[1] * scale, g.shape[0] * scale), Image.Resampling.NEAREST)
-    f = font(14)
-    left = max((int(f.getlength(s)) for s in row_labels), default=0) + 12 if row_labels else 8
-    top = 50 if col_labels else 32
+def grid(path, x, nrow, title, row_labels, col_labels=(), scale=2):  # x in [-1, 1] -> a titled grid, upscaled
+    g = torchvision.utils.make_grid(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), nrow=nrow, pad_value=255)
+    img = Image.fromarray(g.permute(1, 2, 0).numpy())  # [H', W', 3]
+    img, f = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST), ImageFont.load_default(14)
+    left, top = max(int(f.getlength(s)) for s in row_labels) + 12, 50 if col_labels else 32
     canvas = Image.new("RGB", (img.width + left + 8, img.height + top + 8), "white")
     canvas.paste(img, (left, top))
     d = ImageDraw.Draw(canvas)
-    d.text((canvas.width // 2, 6), title, fill="black", font=font(16), anchor="ma")
+    d.text((canvas.width // 2, 6), title, fill="black", font=ImageFont.load_default(16), anchor="ma")
     for i, s in enumerate(col_labels):  # labels centred over evenly spaced columns and rows
         d.text((left + (i + 0.5) * img.width / len(col_labels), top - 4), s, fill="black", font=f, anchor="md")
     for i, s in enumerate(row_labels):
         d.text((left - 6, top + (i + 0.5) * img.height / len(row_labels)), s, fill="black", font=f, anchor="rm")
-    return canvas
+    canvas.save(path)
 
-
-def log_ticks(lo, hi):
-    """Round values in [lo, hi]: 1, 2 and 5 times each power of ten (every digit when the span is one decade)."""
-    return [m * 10.0 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
-            for m in ((1, 2, 5) if hi / lo > 10 else range(1, 10)) if lo <= m * 10.0 ** e <= hi]
-
-
-def loglog_plot(series, title, xlabel, ylabel, ylim, size=(760, 520)):
-    """series: [(label, xs, ys)] -> a PIL image: lines on log-log axes with ticks, grid and a legend top right."""
-    img = Image.new("RGB", size, "white")
-    d, f = ImageDraw.Draw(img), font(13)
-    x0, y0, x1, y1 = 70, 50, size[0] - 20, size[1] - 50
+def loglog_plot(path, series, title, xlabel, ylabel, ylim, W=760, H=520):  # series: [(label, xs, ys)], log-log axes
+    img = Image.new("RGB", (W, H), "white")
+    d, f = ImageDraw.Draw(img), ImageFont.load_default(13)
+    x0, y0, x1, y1 = 70, 50, W - 20, H - 50
     xlim = (min(x for s in series for x in s[1]), max(x for s in series for x in s[1]))
     lx, ly = [math.log10(v) for v in xlim], [math.log10(v) for v in ylim]
     to_px = lambda x, y: (x0 + (math.log10(x) - lx[0]) / ((lx[1] - lx[0]) or 1) * (x1 - x0),
                           y1 - (math.log10(y) - ly[0]) / ((ly[1] - ly[0]) or 1) * (y1 - y0))
-    label = lambda v: f"{v:.0e}" if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3) else f"{v:g}"
-    for v in log_ticks(*xlim):
+    ticks = lambda lo, hi: [m * 10.0 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+                            for m in ((1, 2, 5) if hi / lo > 10 else range(1, 10)) if lo <= m * 10.0 ** e <= hi]
+    for v in ticks(*xlim):  # grid lines and labels at 1, 2, 5 x 10^k (at every digit when the span is one decade)
         px = to_px(v, ylim[0])[0]
         d.line([(px, y0), (px, y1 + 4)], fill=(230, 230, 230))
-        d.text((px, y1 + 6), label(v), fill="black", font=f, anchor="ma")
-    for v in log_ticks(*ylim):
+        d.text((px, y1 + 6), f"{v:g}", fill="black", font=f, anchor="ma")
+    for v in ticks(*ylim):
         py = to_px(xlim[0], v)[1]
         d.line([(x0 - 4, py), (x1, py)], fill=(230, 230, 230))
-        d.text((x0 - 6, py), label(v), fill="black", font=f, anchor="rm")
+        d.text((x0 - 6, py), f"{v:g}", fill="black", font=f, anchor="rm")
     d.rectangle((x0, y0, x1, y1), outline="black")
     d.text(((x0 + x1) / 2, y1 + 24), xlabel, fill="black", font=f, anchor="ma")
     d.text((x0 - 4, y0 - 8), ylabel, fill="black", font=f, anchor="ld")
-    d.text((size[0] / 2, 8), title, fill="black", font=font(15), anchor="ma")
-    for k, (name, xs, ys) in enumerate(series):
+    d.text((W / 2, 8), title, fill="black", font=ImageFont.load_default(15), anchor="ma")
+    for k, (name, xs, ys) in enumerate(series):  # each line, a dot on each measurement, a legend entry top right
         color = PALETTE[k % len(PALETTE)]
         pts = [to_px(x, min(max(y, ylim[0]), ylim[1])) for x, y in zip(xs, ys)]
         d.line(pts, fill=color, width=2)
-        for px, py in pts:  # mark each measurement
+        for px, py in pts:
             d.ellipse((px - 3, py - 3, px + 3, py + 3), fill=color)
-        d.line([(size[0] - 170, 62 + 18 * k), (size[0] - 145, 62 + 18 * k)], fill=color, width=3)
-        d.text((size[0] - 140, 62 + 18 * k), name, fill="black", font=f, anchor="lm")
-    return img
-
+        d.line([(W - 170, 62 + 18 * k), (W - 145, 62 + 18 * k)], fill=color, width=3)
+        d.text((W - 140, 62 + 18 * k), name, fill="black", font=f, anchor="lm")
+    img.save(path)
 
 if __name__ == "__main__":
     main()
