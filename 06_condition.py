@@ -1,7 +1,5 @@
-"""Lesson 06: conditioning. Class labels, guidance and text, trained from scratch on a CPU.
-
-How to ask a diffusion model for *something*: a class ("a star") or a sentence ("a small red triangle at
-the top left"), and what guidance trades for it. What it reuses from 01-05 is in the appendix.
+"""Lesson 06: conditioning. How to ask a diffusion model for *something*, a class ("a star") or a sentence
+("a small red triangle at the top left"), and what guidance trades for it. Pieces from 01-05: the appendix.
 
 1. Class labels: a label embedding is added to the time embedding, so every residual block's scale and
    shift depend on (t, y). Its extra row is the null label; label dropout (probability P_UNCOND) trains
@@ -24,9 +22,9 @@ the top left"), and what guidance trades for it. What it reuses from 01-05 is in
     python 06_condition.py --prompt "a large green star"  # draw from a caption (reuses runs/06/text.pt)
     python 06_condition.py --quick                        # seconds: a smoke test, written to runs/quick/
 
-Models are saved in runs/06 and reused by a later run with the same settings (--retrain trains again).
-Writes figures/06_cfg_grid.png, 06_classifier_guidance.png, 06_tradeoff.png, 06_text_grid.png, 06_loss.png
-(06_prompt.png with --prompt); prints the guidance table and the text accuracy table.
+Models are saved in runs/06 and reused by a later run with the same settings (--retrain trains again). Writes
+figures/06_cfg_grid.png, 06_classifier_guidance.png, 06_text_grid.png, 06_loss.png (06_prompt.png with --prompt);
+prints the trade-off table (accuracy and FD per method and scale) and the text accuracy table.
 """
 import argparse
 import copy
@@ -61,38 +59,31 @@ QUICK = dict(n_shapes=1000, base_ch=16, batch_size=8, warmup=4, text_steps=12, t
              clf_steps=10, noisy_clf_steps=10, eval_per_class=2, text_per_prompt=1, sample_steps=3, n_prompt=4,
              grid_cols=2)
 
-
 # %% Class labels, and label dropout to train the null label
-# UNet(num_classes=K) adds label_emb(y), an nn.Embedding(K + 1, emb_dim), to the time embedding; row K is
-# "no condition". train_diffusion (04's loop, in the appendix) passes every batch through drop_condition. The
-# appendix's UNet is 03's plus label_emb (UNet.forward) and the CrossAttention below (each attention ResBlock).
+# UNet(num_classes=K) adds label_emb(y), an nn.Embedding(K + 1, emb_dim), to the time embedding; row K is "no
+# condition". The appendix's UNet is 03's plus label_emb and the CrossAttention below (each attention ResBlock);
+# its train_diffusion (04's loop) passes every batch through drop_condition.
 def drop_condition(y, y_null, p, gen):
     """Each condition -> the null one with probability p: labels [B] (y_null scalar) or tokens [B, L] (y_null [L])."""
     drop = (torch.rand(len(y), generator=gen) < p).to(y.device).view(-1, *([1] * (y.dim() - 1)))
     return torch.where(drop, y_null.to(y.device), y)
 
-
 # %% Classifier-free guidance (Ho & Salimans 2022)
 def guided_eps(model, x, t, y, scale, y_null=None):
     """out_u + scale (out_c - out_u) in the model's own output (v: guiding v is guiding eps, which is affine in v
     at fixed x_t). One pass over a doubled batch; scales 0 and 1 return exactly out_u or out_c."""
-    if y_null is None:
-        y_null = torch.full_like(y, model.num_classes)
-    if scale == 0:
-        return model(x, t, y_null)
-    if scale == 1:
-        return model(x, t, y)
+    y_null = torch.full_like(y, model.num_classes) if y_null is None else y_null.to(y.device).expand_as(y)
+    if scale in (0, 1):  # exactly out_u or out_c
+        return model(x, t, y if scale else y_null)
     out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null])).float().chunk(2)
     return torch.lerp(out_u, out_c, scale)  # out_u + scale (out_c - out_u)
-
 
 # %% Classifier guidance (Dhariwal & Nichol 2021): a classifier of noisy images steers an unconditional model
 class NoisyClassifier(nn.Module):
     """p(y | x_t, t): 04's Classifier plus a per-channel shift by t after each GroupNorm, zero at first."""
-
-    def __init__(self, in_ch, n_classes):
+    def __init__(self, n_classes):
         super().__init__()
-        clf = Classifier(in_ch, n_classes)
+        clf = Classifier(3, n_classes)
         self.body, self.head = clf.body, clf.head
         self.chans = [m.num_channels for m in self.body if isinstance(m, nn.GroupNorm)]  # 32, 64, 128
         self.time = nn.Sequential(nn.Linear(32, 128), nn.SiLU(), nn.Linear(128, sum(self.chans)))
@@ -101,32 +92,27 @@ class NoisyClassifier(nn.Module):
 
     def forward(self, x, t):
         shifts = iter(self.time(timestep_embedding(t, 32)).split(self.chans, dim=1))  # per GroupNorm [B, c]
-        h = x
         for layer in self.body:
-            h = layer(h)
+            x = layer(x)
             if isinstance(layer, nn.GroupNorm):
-                h = h + next(shifts)[:, :, None, None]
-        return self.head(h)  # [B, n_classes]
-
+                x = x + next(shifts)[:, :, None, None]
+        return self.head(x)  # [B, n_classes]
 
 def train_noisy_classifier(images, labels, n_classes, alpha_bar, device, steps, seed):
     """A clean Classifier (as in 04), then as many steps on x_t = q_sample(x_0, t) with t uniform."""
-    clf = NoisyClassifier(images.shape[1], n_classes).to(device)
-    clean = train_classifier(images, labels, n_classes, device, steps, seed + 1)
-    clf.load_state_dict(clean.state_dict(), strict=False)  # body and head; the time shifts stay zero
-    g = torch.Generator().manual_seed(seed + 2)
-    opt = torch.optim.Adam(clf.parameters(), 1e-3)
+    clf = NoisyClassifier(n_classes).to(device)
+    clf.load_state_dict(train_classifier(images, labels, n_classes, device, steps, seed + 1).state_dict(),
+                        strict=False)  # body and head; the time shifts stay zero
+    g, opt = torch.Generator().manual_seed(seed + 2), torch.optim.Adam(clf.parameters(), 1e-3)
     for _ in range(steps):
         idx = torch.randint(len(images), (128,), generator=g)
-        x0 = to_unit(images[idx]).to(device)
-        t = torch.randint(len(alpha_bar), (128,), generator=g).to(device)
+        x0, t = to_unit(images[idx]).to(device), torch.randint(len(alpha_bar), (128,), generator=g).to(device)
         x_t = q_sample(x0, t, alpha_bar, torch.randn(x0.shape, generator=g).to(device))
         loss = F.cross_entropy(clf(x_t, t), labels[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return clf.eval()
-
 
 def classifier_guided_eps(model, clf, x, t, y, scale, alpha_bar):
     """eps(x_t, t, null) - scale sqrt(1 - ab_t) grad_x log p(y | x_t, t), the score of p(x_t) p(y | x_t)^scale
@@ -141,24 +127,18 @@ def classifier_guided_eps(model, clf, x, t, y, scale, alpha_bar):
         (grad,) = torch.autograd.grad(log_p, x_in)
     return eps - scale * (1 - ab).sqrt() * grad
 
-
 # %% Text: captions as tokens, a small transformer encoder, cross-attention
 def caption_variant(caption, keep):
     """The caption without the parts whose keep flag is off: trained on these, 'a green star' means what it says."""
-    w = caption.split()
-    parts = [w[1:2], w[2:3], w[3:4], w[4:]]  # size, colour, shape, position
-    return " ".join(["a"] + [word for part, k in zip(parts, keep) if k for word in part])
-
+    w = caption.split()  # the parts: size w[1], colour w[2], shape w[3], position w[4:]
+    return " ".join(["a"] + [word for part, k in zip([w[1:2], w[2:3], w[3:4], w[4:]], keep) if k for word in part])
 
 def text_training_set(captions, idx, holdout):
     """Indices in idx whose caption ('a SIZE COLOUR SHAPE ...') has no held-out (colour, shape) pair."""
-    held = set(holdout)
-    return torch.tensor([i for i in idx.tolist() if tuple(captions[i].split()[2:4]) not in held], dtype=torch.long)
-
+    return torch.tensor([i for i in idx.tolist() if tuple(captions[i].split()[2:4]) not in holdout], dtype=torch.long)
 
 class Tokenizer:
     """Words -> [START, w_1, ..., w_k, PAD, ...]; the empty caption (the null condition) keeps START to attend to."""
-
     def __init__(self, captions):
         self.words = sorted({w for c in captions for w in c.split()})
         self.vocab = [PAD, START] + self.words
@@ -170,22 +150,18 @@ class Tokenizer:
         out = torch.zeros(len(texts), self.length, dtype=torch.long)  # PAD = 0
         for b, text in enumerate(texts):
             words = text.lower().split()
-            for w in words:
-                if w not in self.ids or w in (PAD, START):
-                    raise ValueError(f"unknown word {w!r}; the vocabulary is: {' '.join(self.words)}")
+            if unknown := [w for w in words if w not in self.words]:
+                raise ValueError(f"unknown word {unknown[0]!r}; the vocabulary is: {' '.join(self.words)}")
             if len(words) > self.length - 1:
                 raise ValueError(f"{text!r} has {len(words)} words; captions have at most {self.length - 1}")
             out[b, :1 + len(words)] = torch.tensor([1] + [self.ids[w] for w in words])
         return out
 
-
 class TextEncoder(nn.Module):
     """tokens [B, L] -> (features [B, L, width], mask [B, L]): pre-norm transformer layers, padding masked."""
-
     def __init__(self, vocab_size, length, width=64, layers=2, heads=4):
         super().__init__()
-        self.tok = nn.Embedding(vocab_size, width)
-        self.pos = nn.Embedding(length, width)
+        self.tok, self.pos = nn.Embedding(vocab_size, width), nn.Embedding(length, width)  # token and position
         layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
@@ -197,16 +173,12 @@ class TextEncoder(nn.Module):
         # mask: True = a real token. The Transformer's key_padding_mask means the opposite (True = ignore): ~mask
         return self.norm(self.blocks(h, src_key_padding_mask=~mask)), mask
 
-
 class CrossAttention(nn.Module):
     """Pixels (queries) attend to tokens (keys, values), padding masked: x (B, C, H, W), ctx (B, L, D) -> like x."""
-
     def __init__(self, ch, ctx_dim, heads=4):
         super().__init__()
-        self.heads = heads
-        self.norm = group_norm(ch)
-        self.q = nn.Conv2d(ch, ch, 1)
-        self.kv = nn.Linear(ctx_dim, 2 * ch)
+        self.heads, self.norm = heads, group_norm(ch)
+        self.q, self.kv = nn.Conv2d(ch, ch, 1), nn.Linear(ctx_dim, 2 * ch)  # queries from pixels, keys and values
         self.proj = nn.Conv2d(ch, ch, 1)
 
     def forward(self, x, ctx, ctx_mask):
@@ -216,11 +188,9 @@ class CrossAttention(nn.Module):
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx_mask[:, None, None, :])  # bool: True may attend
         return x + self.proj(h.transpose(2, 3).reshape(B, C, H, W))
 
-
 class TextToImage(nn.Module):
     """model(x_t, t, tokens): words through cross-attention, the whole caption (mean token feature) through the
     label_emb slot into every block's scale and shift, where colour is set (as in Imagen and SDXL)."""
-
     def __init__(self, unet, encoder):
         super().__init__()
         self.unet, self.encoder = unet, encoder
@@ -231,22 +201,27 @@ class TextToImage(nn.Module):
         pooled = (ctx * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # mean of the real tokens: [B, width]
         return self.unet(x, t, y=pooled, ctx=ctx, ctx_mask=mask)
 
-
 @torch.no_grad()
 def warm_start(text_unet, class_unet):
     """Start the text UNet as the class model with the null label: new layers zeroed, as ControlNet does."""
     state = {k: v for k, v in class_unet.state_dict().items() if not k.startswith("label_emb")}
     missing, unexpected = text_unet.load_state_dict(state, strict=False)
     assert not unexpected and all(".cross." in k or k.startswith("label_emb") for k in missing), missing
-    for module in text_unet.modules():
-        if isinstance(module, CrossAttention):
-            nn.init.zeros_(module.proj.weight)
-            nn.init.zeros_(module.proj.bias)
+    for cross in (m for m in text_unet.modules() if isinstance(m, CrossAttention)):
+        nn.init.zeros_(cross.proj.weight)
+        nn.init.zeros_(cross.proj.bias)
     nn.init.zeros_(text_unet.label_emb.weight)
     text_unet.label_emb.bias.copy_(class_unet.label_emb.weight[class_unet.num_classes])
 
+# %% The models and the classifiers, trained or reused from the run folder
+def batch(gen, data, idx, batch_size, tokenizer=None):
+    """x_0 in [-1, 1] and labels, or tokens of captions shortened at random (CAPTION_KEEP)."""
+    idx = idx[torch.randint(len(idx), (batch_size,), generator=gen)]
+    if tokenizer is None:
+        return to_unit(data[0][idx]), data[1][idx]
+    keep = (torch.rand(len(idx), 4, generator=gen) < torch.tensor(CAPTION_KEEP)).tolist()
+    return to_unit(data[0][idx]), tokenizer.encode([caption_variant(data[2][i], k) for i, k in zip(idx.tolist(), keep)])
 
-# %% The models, trained or reused from the run folder
 def class_model(args, data, train_idx, alpha_bar, autocast):
     """The class-conditional UNet -> (model, config, training log)."""
     torch.manual_seed(args.seed)
@@ -261,7 +236,6 @@ def class_model(args, data, train_idx, alpha_bar, autocast):
         CLASS_LOSS_WEIGHT, args.warmup, alpha_bar, autocast, torch.Generator().manual_seed(args.seed + 10),
         "class model"), args.retrain)
     return unet.eval().requires_grad_(False), config, log
-
 
 def text_model(args, class_unet, class_config, data, train_idx, tokenizer, alpha_bar, autocast):
     """UNet with cross-attention + text encoder -> (model, log, the null condition: empty caption [L])."""
@@ -283,64 +257,89 @@ def text_model(args, class_unet, class_config, data, train_idx, tokenizer, alpha
         "text model"), args.retrain)
     return model.eval().requires_grad_(False), log, y_null
 
+def classifiers(args, data, train_idx, alpha_bar):
+    """p(y | x_t, t) for classifier guidance, and a clean classifier that judges samples (accuracy, FD)."""
+    x, y, device, K, seed = data[0][train_idx], data[1][train_idx], alpha_bar.device, len(SHAPES), args.seed
+    n_noisy, n_clf, config = args.noisy_clf_steps, args.clf_steps, dict(n_images=len(data[0]), seed=seed)
+    noisy = NoisyClassifier(K).to(device)
+    train_or_load(os.path.join(args.run_dir, "noisy_classifier.pt"), dict(what="noisy", **config, steps=n_noisy), noisy,
+                  lambda: dict(model=train_noisy_classifier(x, y, K, alpha_bar, device, n_noisy, seed).state_dict(),
+                               step=n_noisy), args.retrain)
+    clf = Classifier(3, K).to(device)  # the judge
+    train_or_load(os.path.join(args.run_dir, "classifier.pt"), dict(what="judge", **config, steps=n_clf), clf,
+                  lambda: dict(model=train_classifier(x, y, K, device, n_clf, seed).state_dict(), step=n_clf),
+                  args.retrain)
+    return noisy.eval().requires_grad_(False), clf.eval()
+
+def text_sample(args, model, y_null, tokens, alpha_bar, autocast, seed):
+    """Images for tokens [N, L], classifier-free guided at TEXT_SCALE, from the noise of seed."""
+    return sample(lambda x, t, c: guided_eps(model, x, t, c, TEXT_SCALE, y_null), tokens, seed, PRED, alpha_bar,
+                  args.sample_steps, autocast)
 
 # %% Experiment 1: guidance measured, both methods, the same noises at every scale
+def judge(clf, x, y, real_feats):
+    """-> (accuracy, per-class accuracies, FD against real_feats) of samples x asked to be classes y."""
+    feats, pred = features_and_classes(clf, x, next(clf.parameters()).device)
+    per_class = [(pred[y == c] == c).float().mean().item() for c in y.unique().tolist()]
+    return (pred == y).float().mean().item(), per_class, frechet_distance(feats, real_feats)
+
 @torch.no_grad()
 def guidance_table(args, unet, noisy, clf, data, held, train_idx, alpha_bar, autocast):
-    """Prints the judge, the noisy classifier by t and the table -> (samples, results, FD floor)."""
+    """Prints the judge, the noisy classifier by t and the trade-off table -> the samples of both methods."""
     t1, device, K, epc = time.time(), alpha_bar.device, len(SHAPES), args.eval_per_class
     real, y_real = to_unit(data[0][held[:epc * K]]), data[1][held[:epc * K]]
     real_feats, real_pred = features_and_classes(clf, real, device)
-    g, x0, acc_by_t = torch.Generator().manual_seed(args.seed + 5), real[:500].to(device), {}
+    g, x0, acc_by_t = torch.Generator().manual_seed(args.seed + 5), real[:500].to(device), []
     for t in (0, 250, 500, 750, 900):  # the noisy classifier's accuracy on held-out x_t, by t
         tt = torch.full((len(x0),), t, device=device)
         said = noisy(q_sample(x0, tt, alpha_bar, torch.randn(x0.shape, generator=g).to(device)), tt).argmax(1)
-        acc_by_t[t] = (said.cpu() == y_real[:len(x0)]).float().mean().item()
-    floor = frechet_distance(features_and_classes(clf, to_unit(data[0][train_idx[:epc * K]]), device)[0], real_feats)
-    ceiling = frechet_distance(features_and_classes(clf, torch.randn(real.shape, generator=g).clamp(-1, 1),
-                                                    device)[0], real_feats)
+        acc_by_t.append(f"t={t} {(said.cpu() == y_real[:len(x0)]).float().mean():.0%}")
+    fd = lambda x: frechet_distance(features_and_classes(clf, x, device)[0], real_feats)  # on the judge's features
+    floor, ceiling = fd(to_unit(data[0][train_idx[:epc * K]])), fd(torch.randn(real.shape, generator=g).clamp(-1, 1))
     print(f"judge: accuracy on held-out real {(real_pred == y_real).float().mean():.1%} | noisy classifier accuracy "
-          f"by t: " + ", ".join(f"t={t} {a:.0%}" for t, a in acc_by_t.items()) + f" | {time.time() - t1:.0f} s")
+          f"by t: {', '.join(acc_by_t)} | {time.time() - t1:.0f} s")
     t1, y = time.time(), torch.arange(K).repeat_interleave(epc)  # class-major labels [K * epc]
-    noise = torch.randn(epc * K, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed + 777))
-    cfg = {s: sample(lambda x, t, c: guided_eps(unet, x, t, c, s), noise, y, alpha_bar, args.sample_steps, PRED,
-                     autocast) for s in args.scales}  # the network's output (v) guided
-    cg = {s: cfg[0] if s == 0 and 0 in cfg else sample(  # eps, pushed along the noisy classifier's gradient
-        lambda x, t, c: classifier_guided_eps(unet, noisy, x, t, c, s, alpha_bar), noise, y, alpha_bar,
-        args.sample_steps, "eps", autocast) for s in args.cg_scales}  # (scale 0: the unconditional model, as CFG's)
-    samples = {"classifier-free": cfg, "classifier": cg}
-    res = {name: {s: judge(clf, x, y, real_feats) for s, x in samples[name].items()} for name in samples}
+    draw = lambda fn, pred: sample(fn, y, args.seed + 777, pred, alpha_bar, args.sample_steps, autocast)
+    cfg = {s: draw(lambda x, t, c: guided_eps(unet, x, t, c, s), PRED) for s in args.scales}  # the v output guided
+    cg = {s: cfg[0] if s == 0 and 0 in cfg else draw(  # eps, pushed along the noisy classifier's gradient
+        lambda x, t, c: classifier_guided_eps(unet, noisy, x, t, c, s, alpha_bar), "eps") for s in args.cg_scales}
+    samples = {"classifier-free": cfg, "classifier": cg}  # (CG at scale 0: the unconditional model, as CFG's)
     print(f"\nguidance measured ({epc} samples per class and scale, DDIM {args.sample_steps} steps; "
           f"{time.time() - t1:.0f} s). FD floor (real vs real) {floor:.2f}, ceiling (noise) {ceiling:.1f}")
     print(f"{'method':>15} {'scale':>6} {'accuracy':>9} {'worst class':>12} {'FD':>7} {'guide says':>11}")
-    for name in res:
-        for s, (acc, per, fd) in res[name].items():
-            guide = ""
+    for name, by_scale in samples.items():
+        for s, x in by_scale.items():
+            (acc, per, fd_x), guide = judge(clf, x, y, real_feats), ""
             if name == "classifier":  # how often the guiding classifier itself sees the class it pushed towards
-                x = samples[name][s].to(device)
-                said = noisy(x, torch.zeros(len(x), dtype=torch.long, device=device)).argmax(1).cpu()
+                said = noisy(x.to(device), torch.zeros(len(x), dtype=torch.long, device=device)).argmax(1).cpu()
                 guide = f"{(said == y).float().mean():11.1%}"
-            print(f"{name:>15} {s:6g} {acc:9.1%} {min(per):12.1%} {fd:7.2f} {guide}")
+            print(f"{name:>15} {s:6g} {acc:9.1%} {min(per):12.1%} {fd_x:7.2f} {guide}")
     if 3.0 in cfg:
-        per = res["classifier-free"][3.0][1]
+        per = judge(clf, cfg[3.0], y, real_feats)[1]
         print(f"target (CFG scale 3, every class >= 95%): {'met' if min(per) >= 0.95 - 1e-6 else 'NOT met'}: "
               + ", ".join(f"{c} {a:.0%}" for c, a in zip(SHAPES, per)))
-    return samples, res, floor
+    return samples
 
-
-def save_guidance_figures(out, samples, res, floor, epc):
-    """06_cfg_grid.png, 06_classifier_guidance.png (a row per class, m samples per scale), 06_tradeoff.png."""
+def save_guidance_figures(out, samples, epc):
+    """06_cfg_grid.png, 06_classifier_guidance.png: a row per class, m samples per scale."""
     m = min(3, epc)
     for name, file in (("classifier-free", "06_cfg_grid.png"), ("classifier", "06_classifier_guidance.png")):
         x = torch.cat([b[k * epc:k * epc + m] for k in range(len(SHAPES)) for b in samples[name].values()])
         title = (f"{name} guidance: a row per class, {m} samples per scale (the same {m} noises at every scale"
                  + (" and in 06_cfg_grid.png)" if name == "classifier" else ")"))
-        grid(to_uint8(x), m * len(samples[name]), title, row_labels=SHAPES,
-             col_labels=[f"s = {s:g}" for s in samples[name]], scale=2).save(os.path.join(out, file))
-    save_tradeoff(os.path.join(out, "06_tradeoff.png"), res, floor)
-
+        grid(os.path.join(out, file), x, m * len(samples[name]), title, SHAPES, [f"s = {s:g}" for s in samples[name]],
+             scale=2)
 
 # %% Experiment 2: text, on the colour-shape pairs it saw and on the held-out ones
+def colour_of(x):
+    """[B, 3, H, W] -> [B] into COLORS: mean RGB of the brighter pixels, nearest palette colour by cosine."""
+    u = (x.clamp(-1, 1) + 1) / 2
+    bright = u.amax(1)  # [B, H, W]
+    mask = (bright >= 0.5 * bright.flatten(1).amax(1).view(-1, 1, 1)).float()
+    mean = (u * mask[:, None]).sum((2, 3)) / mask.sum((1, 2))[:, None]  # [B, 3]
+    rgb = torch.tensor(list(COLORS.values()), dtype=torch.float32)  # [6, 3]
+    return F.cosine_similarity(mean[:, None], rgb[None], dim=2).argmax(1)
+
 def text_table(args, model, y_null, clf, data, held, tokenizer, alpha_bar, autocast):
     """Shape accuracy (by the judge) and colour accuracy (from the pixels) of 'a COLOUR SHAPE', all pairs."""
     t1, n, real = time.time(), args.text_per_prompt, held[:args.eval_per_class * len(SHAPES)]
@@ -366,7 +365,6 @@ def text_table(args, model, y_null, clf, data, held, tokenizer, alpha_bar, autoc
         got = [f"{SHAPES[a]}/{list(COLORS)[b]}" for a, b in zip(shape[sel].tolist(), colour[sel].tolist())]
         print(f"  'a {c} {s}' (unseen) drew (shape/colour): {', '.join(got)}")
 
-
 def save_text_grid(args, model, y_null, tokenizer, alpha_bar, autocast):
     """06_text_grid.png: a row of grid_cols samples per prompt, the held-out pairs marked."""
     shows = ["a large blue star", "a small yellow circle at the top left", "a red square in the centre",
@@ -374,17 +372,24 @@ def save_text_grid(args, model, y_null, tokenizer, alpha_bar, autocast):
     x = text_sample(args, model, y_null, tokenizer.encode([p for p in shows for _ in range(args.grid_cols)]),
                     alpha_bar, autocast, args.seed + 556)
     rows = [p + (" (unseen pair)" if any(f" {c} {s}" in p for c, s in HOLDOUT) else "") for p in shows]
-    grid(to_uint8(x), args.grid_cols, f"text-conditional samples, guidance scale {TEXT_SCALE:g}",
-         row_labels=rows).save(os.path.join(args.out, "06_text_grid.png"))
+    grid(os.path.join(args.out, "06_text_grid.png"), x, args.grid_cols,
+         f"text-conditional samples, guidance scale {TEXT_SCALE:g}", rows)
 
+def save_losses(out, class_losses, text_losses, text_loss_weight):
+    """06_loss.png: both training losses, each averaged over windows of len // 100 steps, on a log axis."""
+    series = []
+    for name, weight, losses in (("class", CLASS_LOSS_WEIGHT, class_losses), ("text", text_loss_weight, text_losses)):
+        k = max(1, len(losses) // 100)
+        means = [sum(losses[i:i + k]) / k for i in range(0, len(losses) - k + 1, k)]
+        series.append((f"{name}: {'plain' if weight == 'none' else 'min-SNR'} v", range(k, len(losses) + 1, k), means))
+    line_plot(os.path.join(out, "06_loss.png"), series, "training loss (mean over steps)", "step", "loss (log)")
 
 # %% Main: the class model, the two classifiers, guidance measured; then the text model
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     autocast, precision = autocast_for(device)
-    t_start = time.time()
-    data = make_shapes(args.n_shapes, seed=args.seed)  # (images uint8 [N, 3, 32, 32], labels [N], captions)
+    t_start, data = time.time(), make_shapes(args.n_shapes, seed=args.seed)  # (uint8 [N, 3, 32, 32], labels, captions)
     tokenizer = Tokenizer(data[2])
     try:  # a prompt with an unknown word fails now, not after training
         prompt_tokens = tokenizer.encode([args.prompt or ""] * args.n_prompt)
@@ -401,35 +406,31 @@ def main(argv=None):
     unet, class_config, class_log = class_model(args, data, train_idx, alpha_bar, autocast)
     if args.prompt is not None:  # only draw from one caption
         text, _, y_null = text_model(args, unet, class_config, data, train_idx, tokenizer, alpha_bar, autocast)
-        x = text_sample(args, text, y_null, prompt_tokens, alpha_bar, autocast, args.seed + 999)
-        grid(to_uint8(x), min(8, args.n_prompt), f"'{args.prompt}' (guidance scale {TEXT_SCALE:g})").save(
-            os.path.join(args.out, "06_prompt.png"))
-        print(f"wrote {os.path.join(args.out, '06_prompt.png')}")
+        path = os.path.join(args.out, "06_prompt.png")
+        grid(path, text_sample(args, text, y_null, prompt_tokens, alpha_bar, autocast, args.seed + 999),
+             min(8, args.n_prompt), f"'{args.prompt}' (guidance scale {TEXT_SCALE:g})")
+        print(f"wrote {path}")
         return
     noisy, clf = classifiers(args, data, train_idx, alpha_bar)
-    samples, res, floor = guidance_table(args, unet, noisy, clf, data, held, train_idx, alpha_bar, autocast)
-    save_guidance_figures(args.out, samples, res, floor, args.eval_per_class)
+    samples = guidance_table(args, unet, noisy, clf, data, held, train_idx, alpha_bar, autocast)
+    save_guidance_figures(args.out, samples, args.eval_per_class)
     text, text_log, y_null = text_model(args, unet, class_config, data, train_idx, tokenizer, alpha_bar, autocast)
     text_table(args, text, y_null, clf, data, held, tokenizer, alpha_bar, autocast)
     save_text_grid(args, text, y_null, tokenizer, alpha_bar, autocast)
     if class_log.get("losses") and text_log.get("losses"):  # (a reused model has its log)
-        save_losses(os.path.join(args.out, "06_loss.png"), class_log["losses"], text_log["losses"],
-                    args.text_loss_weight)
+        save_losses(args.out, class_log["losses"], text_log["losses"], args.text_loss_weight)
     print(f"total {(time.time() - t_start) / 60:.1f} min; wrote 06_cfg_grid.png, 06_classifier_guidance.png, "
-          f"06_tradeoff.png, 06_text_grid.png, 06_loss.png to {args.out}/")
-
+          f"06_text_grid.png, 06_loss.png to {args.out}/")
 
 def parse_args(argv=None):
-    if argv is None and "ipykernel" in sys.modules:  # in Jupyter, sys.argv holds the kernel's own flags
-        argv = []
+    argv = [] if argv is None and "ipykernel" in sys.modules else argv  # in Jupyter, sys.argv is the kernel's
     p = Parser(description="Lesson 06: class labels, guidance and text, trained from scratch.",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--steps", type=int, default=3200, help="training steps of the class-conditional UNet")
     a("--scales", type=scale_list, default="0,1,2,3,5,7.5", help="CFG scales (0: unconditional, 1: conditional)")
     a("--cg-scales", type=scale_list, default="0,1,3,10,30,100", help="classifier-guidance scales (other units)")
-    a("--text-loss-weight", default="none", choices=["none", "min-snr"],
-      help="the text model's loss weight (min-SNR starves the noisiest steps, where colour is decided)")
+    a("--text-loss-weight", default="none", choices=["none", "min-snr"], help="the text model's loss weight")
     a("--prompt", default=None, help="only draw from this caption with the text model, e.g. 'a large green star'")
     a("--retrain", action="store_true", help="train again even where the run folder has a model with these settings")
     a("--run-dir", default="runs/06", help="folder of the models (with --quick: runs/quick/06)")
@@ -447,12 +448,10 @@ def parse_args(argv=None):
         args.run_dir = os.path.join("runs", "quick", "06") if args.run_dir == "runs/06" else args.run_dir
     return args
 
-
 # %% Appendix: pieces from earlier lessons
 def train_diffusion(model, batch_fn, y_null, steps, weight, warmup, alpha_bar, autocast, gen, name):
     """Lesson 04's training loop plus label dropout; batch_fn(gen) -> (x_0, labels or tokens) -> checkpoint."""
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    ema, opt = copy.deepcopy(model).requires_grad_(False), torch.optim.AdamW(model.parameters(), LR, weight_decay=0.0)
     losses, t0 = [], time.time()
     for step in range(steps):
         x0, y = (a.to(alpha_bar.device) for a in batch_fn(gen))
@@ -460,25 +459,22 @@ def train_diffusion(model, batch_fn, y_null, steps, weight, warmup, alpha_bar, a
         t = torch.randint(len(alpha_bar), (len(x0),), generator=gen).to(x0.device)
         eps = torch.randn(x0.shape, generator=gen).to(x0.device)
         ab = alpha_bar[t].float().view(-1, 1, 1, 1)
-        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps  # q_sample
         decay = (1 + math.cos(math.pi * step / steps)) / 2  # warmup, then cosine decay to 0
         for group in opt.param_groups:
             group["lr"] = LR * min(1.0, (step + 1) / max(1, warmup)) * decay
         with autocast():
-            out = model(x_t, t, y)
+            out = model(q_sample(x0, t, alpha_bar, eps), t, y)
         per_sample = (out.float() - target_of(PRED, x0, eps, ab)).square().mean((1, 2, 3))  # [B]
         loss = (loss_weight(weight, PRED, ab.view(-1)) * per_sample).mean()
         if not torch.isfinite(loss):
-            print(f"\n{name}: loss is {loss.item()} at step {step}; lower LR (now {LR:g})", file=sys.stderr)
-            sys.exit(1)
+            sys.exit(f"\n{name}: loss is {loss.item()} at step {step}; lower LR (now {LR:g})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        decay = min(EMA_DECAY, (1 + step) / (10 + step))  # EMA warmup
-        with torch.no_grad():
+        with torch.no_grad():  # ema = decay * ema + (1 - decay) * w, decay warming up to EMA_DECAY
             for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)  # ema = decay * ema + (1 - decay) * w
+                pe.lerp_(pm, 1 - min(EMA_DECAY, (1 + step) / (10 + step)))
         losses.append(loss.item())
         if (step + 1) % 10 == 0 or step + 1 == steps:
             rate = (step + 1) * len(x0) / (time.time() - t0)
@@ -488,15 +484,12 @@ def train_diffusion(model, batch_fn, y_null, steps, weight, warmup, alpha_bar, a
     return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": steps,
             "rng": {"train": gen.get_state()}, "log": {"losses": losses, "seconds": time.time() - t0}}
 
-
 def train_or_load(path, config, module, train_fn, retrain):
     """Lesson 04's checkpoints: reuse path (its EMA) if its config matches, else train_fn() and save -> log."""
-    ckpt = None
-    if not retrain and os.path.isfile(path):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            pass
+    try:
+        ckpt = None if retrain else torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # none there, or unreadable: train
+        ckpt = None
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT and ckpt.get("config") == config:
         print(f"reusing {path} ({ckpt.get('step')} steps, the same settings; --retrain to train again)")
     else:
@@ -506,38 +499,29 @@ def train_or_load(path, config, module, train_fn, retrain):
     module.load_state_dict(ckpt.get("ema", ckpt["model"]))
     return ckpt.get("log", {})
 
-
-def sample(fn, noise, cond, alpha_bar, steps, pred, autocast, batch=100):
-    """DDIM (lesson 04) over noise [N, C, S, S] in batches; fn(x, t, cond_batch) -> output of kind pred."""
-    out = []
-    for i in range(0, len(noise), batch):
-        c = cond[i:i + batch].to(alpha_bar.device)
-        out.append(ddim_sample(lambda x, t: fn(x, t, c), noise[i:i + batch].to(alpha_bar.device), alpha_bar,
-                               steps, pred, autocast).clamp(-1, 1).cpu())
-    return torch.cat(out)
-
+def sample(fn, cond, seed, pred, alpha_bar, steps, autocast, batch=100):
+    """The experiments' sampler: DDIM from the noise of seed, 100 at a time; fn(x, t, cond) -> output of kind pred."""
+    noise = torch.randn(len(cond), 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return torch.cat([ddim_sample(lambda x, t: fn(x, t, cond[i:i + batch].to(x.device)), noise[i:i + batch].to(
+        alpha_bar.device), alpha_bar, steps, pred, autocast).clamp(-1, 1).cpu() for i in range(0, len(cond), batch)])
 
 @torch.no_grad()
-def ddim_sample(model, x_T, alpha_bar, steps, pred, autocast=nullcontext):
+def ddim_sample(model, x, alpha_bar, steps, pred, autocast=nullcontext):
     """Deterministic DDIM (lesson 04): x_T -> x_0 through t_i = round(i (T-1) / (steps-1)), then t = 0 -> x_0."""
     ts = torch.linspace(len(alpha_bar) - 1, 0, steps).round().long().tolist()
-    x = x_T
     for i, t in enumerate(ts):
         ab = alpha_bar[t].to(x.device, torch.float32).view(1, 1, 1, 1)
         with autocast():
             out = model(x, torch.full((len(x),), t, device=x.device, dtype=torch.long))
-        eps, x0 = to_eps_x0(pred, out.float(), x, ab)
-        x0 = x0.clamp(-1, 1)
+        x0 = to_eps_x0(pred, out.float(), x, ab)[1].clamp(-1, 1)
         eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # keep eps consistent with the clipped x0
         ab_next = alpha_bar[ts[i + 1]].item() if i + 1 < len(ts) else 1.0  # the last step lands on x_0
         x = math.sqrt(ab_next) * x0 + math.sqrt(1 - ab_next) * eps
     return x
 
-
 def target_of(pred, x0, eps, ab):
     """The regression target for pred; ab = alpha_bar_t as [B, 1, 1, 1] (lesson 04)."""
     return {"eps": eps, "x0": x0}[pred] if pred != "v" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
-
 
 def to_eps_x0(pred, out, x_t, ab):
     """The network's output -> (eps_hat, x0_hat), whatever it predicts (lesson 04)."""
@@ -547,56 +531,43 @@ def to_eps_x0(pred, out, x_t, ab):
         return (x_t - ab.sqrt() * out) / (1 - ab).sqrt(), out
     return (1 - ab).sqrt() * x_t + ab.sqrt() * out, ab.sqrt() * x_t - (1 - ab).sqrt() * out  # from v
 
-
 def loss_weight(kind, pred, ab, gamma=5.0):
     """Per-sample weight: 1, or min-SNR-gamma for the target pred (Hang et al. 2023; lesson 04)."""
-    if kind == "none":
-        return torch.ones_like(ab)
     snr = ab / (1 - ab)
-    return {"eps": snr.clamp(max=gamma) / snr, "x0": snr.clamp(max=gamma), "v": snr.clamp(max=gamma) / (snr + 1)}[pred]
-
+    w = snr.clamp(max=gamma)
+    return torch.ones_like(ab) if kind == "none" else {"eps": w / snr, "x0": w, "v": w / (snr + 1)}[pred]
 
 def cosine_betas(T, s=0.008):
     """Improved DDPM's schedule (lesson 01): alpha_bar_t = f(t)/f(0), f(t) = cos^2(((t/T)+s)/(1+s) * pi/2)."""
-    steps = torch.arange(T + 1, dtype=torch.float64) / T
-    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
     return (1 - f[1:] / f[:-1]).clamp(max=0.999)
-
 
 def alpha_bar_of(betas):
     """alpha_bar_t = prod_{s<=t} (1 - beta_s) (lesson 01)."""
     return torch.cumprod(1 - betas, dim=0)
-
 
 def q_sample(x0, t, alpha_bar, noise):
     """x_t = sqrt(alpha_bar[t]) x0 + sqrt(1 - alpha_bar[t]) noise, for a batch of t (lesson 01)."""
     ab = alpha_bar.to(x0.device)[t].to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))  # [B, 1, 1, 1]
     return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
-
 def timestep_embedding(t, dim):
     """t int64 [B] -> float [B, dim]: sin and cos of t at frequencies from 1 to 1/10000 (lesson 03)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]  # [B, half]
+    freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device, dtype=torch.float32) / (dim // 2))
+    args = t.float()[:, None] * freqs[None]  # [B, dim/2]
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # [B, dim]
-
 
 def group_norm(ch):
     """GroupNorm with up to 32 groups (lesson 03)."""
     return nn.GroupNorm(math.gcd(32, ch), ch)
 
-
 class ResBlock(nn.Module):
     """Lesson 03's residual block with (time + label) scale and shift, then self- and cross-attention."""
-
     def __init__(self, c_in, c_out, emb_dim, attn_heads=0, ctx_dim=0):
         super().__init__()
-        self.norm1 = group_norm(c_in)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * c_out)  # (time + label) embedding -> per-channel (scale, shift)
-        self.norm2 = group_norm(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         self.attn = Attention(c_out, attn_heads) if attn_heads else nn.Identity()
         self.cross = CrossAttention(c_out, ctx_dim, attn_heads) if attn_heads and ctx_dim else None
@@ -608,16 +579,12 @@ class ResBlock(nn.Module):
         h = self.attn(self.skip(x) + h)
         return self.cross(h, ctx, ctx_mask) if self.cross is not None else h
 
-
 class Attention(nn.Module):
     """Multi-head self-attention among the H*W positions of a feature map, with a residual (lesson 03)."""
-
     def __init__(self, ch, heads=4):
         super().__init__()
-        self.heads = heads
-        self.norm = group_norm(ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj = nn.Conv2d(ch, ch, 1)
+        self.heads, self.norm = heads, group_norm(ch)
+        self.qkv, self.proj = nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
 
     def forward(self, x):
         B, C, H, W = x.shape
@@ -626,32 +593,17 @@ class Attention(nn.Module):
         h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
         return x + self.proj(h.transpose(2, 3).reshape(B, C, H, W))
 
-
-class Downsample(nn.Module):
-    """(B, C, H, W) -> (B, C, H/2, W/2), a stride-2 3x3 conv (lesson 03)."""
-
-    def __init__(self, ch):
+class Resample(nn.Module):
+    """Lesson 03's Downsample (a stride-2 3x3 conv) or Upsample (nearest-neighbour x2, then a 3x3 conv)."""
+    def __init__(self, ch, up):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.up, self.conv = up, nn.Conv2d(ch, ch, 3, stride=1 if up else 2, padding=1)
 
-    def forward(self, x):
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """(B, C, H, W) -> (B, C, 2H, 2W): nearest-neighbour, then a 3x3 conv (lesson 03)."""
-
-    def __init__(self, ch):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
-
+    def forward(self, x):  # (B, C, H, W) -> (B, C, 2H, 2W) or (B, C, H/2, W/2)
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest") if self.up else x)
 
 class UNet(nn.Module):
     """Lesson 03's UNet with this lesson's num_classes (+ a null label) and ctx_dim (cross-attention) inputs."""
-
     def __init__(self, in_ch=3, base_ch=32, ch_mult=(1, 2, 2), attn_levels=(2,), num_classes=0, ctx_dim=0):
         super().__init__()
         self.base_ch, self.num_classes, emb_dim, heads = base_ch, num_classes, 4 * base_ch, 4
@@ -665,17 +617,17 @@ class UNet(nn.Module):
                 ch = base_ch * mult
                 chans.append(ch)
             if level < len(ch_mult) - 1:
-                self.down.append(Downsample(ch))
+                self.down.append(Resample(ch, up=False))
                 chans.append(ch)
         self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, heads, ctx_dim), ResBlock(ch, ch, emb_dim)])
-        self.up = nn.ModuleList()
+        self.up = nn.ModuleList()  # each up block takes the matching skip (channels from chans, in reverse)
         for level, mult in reversed(list(enumerate(ch_mult))):
             for _ in range(3):
                 self.up.append(ResBlock(ch + chans.pop(), base_ch * mult, emb_dim, heads * (level in attn_levels),
                                         ctx_dim))
                 ch = base_ch * mult
             if level > 0:
-                self.up.append(Upsample(ch))
+                self.up.append(Resample(ch, up=True))
         self.norm_out = group_norm(ch)
         self.conv_out = nn.Conv2d(ch, in_ch, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # the untrained net predicts 0
@@ -696,10 +648,8 @@ class UNet(nn.Module):
             h = block(torch.cat([h, skips.pop()], 1), emb, ctx, ctx_mask) if isinstance(block, ResBlock) else block(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
-
 class Classifier(nn.Module):
     """A small CNN (lesson 04); its 128-d penultimate features are what the Frechet distance compares."""
-
     def __init__(self, in_ch, n_classes):
         super().__init__()
         self.body = nn.Sequential(
@@ -712,11 +662,9 @@ class Classifier(nn.Module):
     def forward(self, x):
         return self.head(self.body(x))
 
-
 def train_classifier(images, labels, n_classes, device, steps, seed):
     """Adam on real images in [-1, 1], batches of 128 (lesson 04)."""
-    g = torch.Generator().manual_seed(seed)
-    clf = Classifier(images.shape[1], n_classes).to(device)
+    g, clf = torch.Generator().manual_seed(seed), Classifier(images.shape[1], n_classes).to(device)
     opt = torch.optim.Adam(clf.parameters(), 2e-3)
     for _ in range(steps):
         idx = torch.randint(len(images), (128,), generator=g)
@@ -726,17 +674,11 @@ def train_classifier(images, labels, n_classes, device, steps, seed):
         opt.step()
     return clf.eval()
 
-
 @torch.no_grad()
 def features_and_classes(clf, x, device, batch=256):
     """-> (penultimate features float64 [N, 128], predicted classes [N]) (lesson 04)."""
-    feats, classes = [], []
-    for i in range(0, len(x), batch):
-        f = clf.body(x[i:i + batch].to(device))
-        feats.append(f.double().cpu())
-        classes.append(clf.head(f).argmax(1).cpu())
-    return torch.cat(feats), torch.cat(classes)
-
+    feats = [clf.body(x[i:i + batch].to(device)) for i in range(0, len(x), batch)]
+    return torch.cat([f.double().cpu() for f in feats]), torch.cat([clf.head(f).argmax(1).cpu() for f in feats])
 
 def frechet_distance(f1, f2):
     """FD between Gaussians fitted to two feature sets [N, D] (float64) (lesson 04)."""
@@ -747,28 +689,22 @@ def frechet_distance(f1, f2):
     cross = torch.linalg.eigvalsh(s1_half @ s2 @ s1_half).clamp(min=0).sqrt().sum()
     return ((mu1 - mu2).square().sum() + torch.trace(s1) + torch.trace(s2) - 2 * cross).item()
 
-
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240),
           "yellow": (240, 220, 40), "magenta": (220, 50, 220), "cyan": (40, 220, 230)}
 SIZES = {"small": 0.20, "medium": 0.28, "large": 0.36}  # radius as a fraction of the image side
-POSITIONS = ("top left", "top", "top right", "left", "centre", "right",
-             "bottom left", "bottom", "bottom right")
-
+POSITIONS = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
 
 def shape_polygon(kind, cx, cy, r, angle):
     """Vertices of a square, triangle, star or cross centred at (cx, cy), circumradius r, rotated (lesson 01)."""
     if kind == "cross":  # a plus sign: 12 vertices, arms of half-width w
-        w = 0.32 * r
+        w, c, s = 0.32 * r, math.cos(angle), math.sin(angle)
         pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r),
                (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
-        c, s = math.cos(angle), math.sin(angle)
         return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
     radii = {"square": [r] * 4, "triangle": [r] * 3, "star": [r, 0.45 * r] * 5}[kind]
-    k = len(radii)
-    return [(cx + rad * math.cos(angle + 2 * math.pi * i / k), cy + rad * math.sin(angle + 2 * math.pi * i / k))
-            for i, rad in enumerate(radii)]
-
+    a = [angle + 2 * math.pi * i / len(radii) for i in range(len(radii))]
+    return [(cx + rad * math.cos(a_i), cy + rad * math.sin(a_i)) for rad, a_i in zip(radii, a)]
 
 def make_shapes(n, size=32, seed=0):
     """(uint8 images [n, 3, size, size], labels int64 [n], captions): one anti-aliased shape each (lesson 01)."""
@@ -783,8 +719,7 @@ def make_shapes(n, size=32, seed=0):
         col, row = pos_i[i] % 3, pos_i[i] // 3  # centre in one of a 3x3 grid of cells inside [r, big - r]
         cx = r + (col + 0.5 + jitter[i, 0]) / 3 * (big - 2 * r)
         cy = r + (row + 0.5 + jitter[i, 1]) / 3 * (big - 2 * r)
-        img = Image.new("L", (big, big), 0)
-        kind = SHAPES[shape_i[i]]
+        img, kind = Image.new("L", (big, big), 0), SHAPES[shape_i[i]]
         if kind == "circle":
             ImageDraw.Draw(img).ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
         else:
@@ -795,30 +730,23 @@ def make_shapes(n, size=32, seed=0):
     images = masks[:, None] * rgb[color_i][:, :, None, None]  # [n, 1, H, W] * [n, 3, 1, 1] -> [n, 3, H, W]
     return torch.from_numpy(np.rint(images).astype(np.uint8)), torch.from_numpy(shape_i.astype(np.int64)), captions
 
-
 def to_unit(images):
     """uint8 [0, 255] -> float [-1, 1], the range diffusion models are trained in (lesson 01)."""
     return images.float() / 127.5 - 1
-
 
 def to_uint8(x):
     """float [-1, 1] -> uint8 [0, 255], values outside clipped (lesson 01)."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
-
 class Parser(argparse.ArgumentParser):
     """argparse that reports a user's mistake in one line and exits with status 2 (every lesson)."""
-
     def error(self, message):
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
+        fail(f"{message} (see --help)")
 
 def fail(message):
     """One line naming the fix, exit status 2, no traceback (every lesson)."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-
 
 def scale_list(text):
     """argparse type: '0,1,3' -> [0.0, 1.0, 3.0]; anything else is a one-line error."""
@@ -830,7 +758,6 @@ def scale_list(text):
         raise argparse.ArgumentTypeError(f"must be numbers >= 0 separated by commas, like 0,1,3 (got {text!r})")
     return values
 
-
 def pick_device(name):
     """auto: cuda, then mps, then cpu; a device that is not there exits 2 (every lesson)."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
@@ -840,118 +767,23 @@ def pick_device(name):
         fail(f"--device {name} was asked for but {name.upper()} is not available; use --device cpu (or auto)")
     return torch.device(name)
 
-
-def cpu_has_bf16():
-    """bf16 units (AVX512-BF16 or AMX). oneDNN's own check also says yes on AVX-512 CPUs without them, where bf16
-    is emulated and slower than fp32 (03_unet.py --bench measures it) (lesson 04)."""
-    cpu = torch.cpu
-    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
 def autocast_for(device):
-    """-> (autocast context, its name): bf16 on CUDA (with TF32) and on CPUs with bf16 units, else fp32 (lesson 04)."""
+    """-> (autocast context, its name): bf16 on CUDA (with TF32) and on CPUs with bf16 units (AVX512-BF16 or AMX;
+    elsewhere bf16 is emulated, slower than fp32), else fp32 (lesson 04)."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_has_bf16()
-    if not bf16:
+    units = any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    if not (torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and units):
         return nullcontext, "fp32"
     return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), "bf16 autocast"
 
-
-# This lesson's helpers: measuring samples, batches, the classifiers trained or reused, text samples, figures
-def judge(clf, x, y, real_feats):
-    """-> (accuracy, per-class accuracies, FD against real_feats) of samples x asked to be classes y."""
-    feats, pred = features_and_classes(clf, x, next(clf.parameters()).device)
-    per_class = [(pred[y == c] == c).float().mean().item() for c in y.unique().tolist()]
-    return (pred == y).float().mean().item(), per_class, frechet_distance(feats, real_feats)
-
-
-def colour_of(x):
-    """[B, 3, H, W] -> [B] into COLORS: mean RGB of the brighter pixels, nearest palette colour by cosine."""
-    u = (x.clamp(-1, 1) + 1) / 2
-    bright = u.amax(1)  # [B, H, W]
-    mask = (bright >= 0.5 * bright.flatten(1).amax(1).view(-1, 1, 1)).float()
-    mean = (u * mask[:, None]).sum((2, 3)) / mask.sum((1, 2))[:, None]  # [B, 3]
-    rgb = torch.tensor(list(COLORS.values()), dtype=torch.float32)  # [6, 3]
-    return F.cosine_similarity(mean[:, None], rgb[None], dim=2).argmax(1)
-
-
-def batch(gen, data, idx, batch_size, tokenizer=None):
-    """x_0 in [-1, 1] and labels, or tokens of captions shortened at random (CAPTION_KEEP)."""
-    idx = idx[torch.randint(len(idx), (batch_size,), generator=gen)]
-    if tokenizer is None:
-        return to_unit(data[0][idx]), data[1][idx]
-    keep = (torch.rand(len(idx), 4, generator=gen) < torch.tensor(CAPTION_KEEP)).tolist()
-    return to_unit(data[0][idx]), tokenizer.encode([caption_variant(data[2][i], k) for i, k in zip(idx.tolist(), keep)])
-
-
-def classifiers(args, data, train_idx, alpha_bar):
-    """p(y | x_t, t) for classifier guidance, and a clean classifier that judges samples (accuracy, FD)."""
-    images, labels, device, K = data[0][train_idx], data[1][train_idx], alpha_bar.device, len(SHAPES)
-    noisy = NoisyClassifier(3, K).to(device)
-    train_or_load(os.path.join(args.run_dir, "noisy_classifier.pt"), dict(
-        what="noisy", n_images=len(data[0]), seed=args.seed, steps=args.noisy_clf_steps), noisy, lambda: dict(
-        model=train_noisy_classifier(images, labels, K, alpha_bar, device, args.noisy_clf_steps, args.seed)
-        .state_dict(), step=args.noisy_clf_steps), args.retrain)
-    clf = Classifier(3, K).to(device)
-    train_or_load(os.path.join(args.run_dir, "classifier.pt"), dict(
-        what="judge", n_images=len(data[0]), seed=args.seed, steps=args.clf_steps), clf, lambda: dict(
-        model=train_classifier(images, labels, K, device, args.clf_steps, args.seed).state_dict(),
-        step=args.clf_steps), args.retrain)
-    return noisy.eval().requires_grad_(False), clf.eval()
-
-
-def text_sample(args, model, y_null, tokens, alpha_bar, autocast, seed):
-    """Images for tokens [N, L], classifier-free guided at TEXT_SCALE, from the noise of seed."""
-    noise = torch.randn(len(tokens), 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-    return sample(lambda x, t, c: guided_eps(model, x, t, c, TEXT_SCALE, y_null.to(x.device).expand(len(c), -1)),
-                  noise, tokens, alpha_bar, args.sample_steps, PRED, autocast)
-
-
-def save_losses(path, class_log, text_log, text_loss_weight):
-    """Both training losses, each averaged over windows of len // 100 steps, on a log axis."""
-    series = []
-    for name, weight, losses in (("class", CLASS_LOSS_WEIGHT, class_log), ("text", text_loss_weight, text_log)):
-        k = max(1, len(losses) // 100)
-        n = len(losses) // k
-        series.append((f"{name}: {'min-SNR' if weight == 'min-snr' else 'plain'} v", [i * k + k for i in range(n)],
-                       [sum(losses[i * k:(i + 1) * k]) / k for i in range(n)]))
-    ys = [y for _, _, s in series for y in s]
-    line_plot(series, "training loss (mean over steps)", "step", "loss (log)", logy=True,
-              ylim=(min(ys) * 0.8, max(ys) * 1.25), size=(620, 430)).save(path)
-
-
-def save_tradeoff(path, res, floor):
-    """Accuracy against FD: a point per scale (labelled), a line per method, the FD floor; a legend beside."""
-    fds = [r[2] for n in res for r in res[n].values()] + [floor]
-    ylim = (max(0, min(100 * r[0] for n in res for r in res[n].values()) - 5), 100)
-    img, d, to_px = axes((min(fds) * 0.7, max(fds) * 1.5), ylim, "guidance: class accuracy against Frechet distance",
-                         "FD to real images (log); labels: the scale", "accuracy (%)", logx=True, size=(560, 420))
-    d.line([to_px(floor, v) for v in ylim], fill=PALETTE[2], width=2)
-    for c, name in enumerate(res):
-        pts = [to_px(fd, 100 * acc) for acc, _, fd in res[name].values()]
-        d.line(pts, fill=PALETTE[c], width=2)
-        for (px, py), s in zip(pts, res[name]):
-            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=PALETTE[c])
-            d.text((px + 5, py - 3), f"{s:g}", fill=PALETTE[c], font=font(11), anchor="ld")
-    legend = Image.new("RGB", (230, 420), "white")
-    for c, label in enumerate([f"{n} guidance" for n in res] + ["real vs real (the FD floor)"]):
-        ImageDraw.Draw(legend).line([(0, 70 + 22 * c), (30, 70 + 22 * c)], fill=PALETTE[c], width=3)
-        ImageDraw.Draw(legend).text((36, 70 + 22 * c), label, fill="black", font=font(14), anchor="lm")
-    save_row(path, [img, legend])
-
-
-# The drawing kit (the same in every lesson)
-PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (23, 190, 207)]
-
-
+# The drawing kit (lesson 01's, trimmed to a grid and a line plot on a log y axis)
 def font(px):
     return ImageFont.load_default(size=px)
 
-
-def grid(x_uint8, nrow, title, row_labels=(), col_labels=(), scale=3):
-    """uint8 [N, C, H, W] -> a titled PIL image of the grid, upscaled (nearest) so pixels stay crisp."""
-    g = make_grid(x_uint8, nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy()  # [H', W', 3]
+def grid(path, x, nrow, title, row_labels=(), col_labels=(), scale=3):
+    """Saves x (float [N, C, H, W] in [-1, 1]) as a titled grid, upscaled (nearest) so pixels stay crisp."""
+    g = make_grid(to_uint8(x), nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy()  # [H', W', 3]
     img = Image.fromarray(g).resize((g.shape[1] * scale, g.shape[0] * scale), Image.Resampling.NEAREST)
     f = font(14)
     left = max((int(f.getlength(s)) for s in row_labels), default=0) + 12 if row_labels else 8
@@ -964,73 +796,35 @@ def grid(x_uint8, nrow, title, row_labels=(), col_labels=(), scale=3):
         d.text((left + (i + 0.5) * img.width / len(col_labels), top - 4), s, fill="black", font=f, anchor="md")
     for i, s in enumerate(row_labels):
         d.text((left - 6, top + (i + 0.5) * img.height / len(row_labels)), s, fill="black", font=f, anchor="rm")
-    return canvas
+    canvas.save(path)
 
-
-def ticks(lo, hi, log=False):
-    """Round tick values in [lo, hi]: powers of ten on a log axis, else 1, 2 or 5 times a power of ten apart."""
-    if log:
-        return [10.0 ** e for e in range(math.ceil(math.log10(lo)), math.floor(math.log10(hi)) + 1)]
-    raw = ((hi - lo) or 1.0) / 5
-    mag = 10 ** math.floor(math.log10(raw))
-    step = min(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step + 1e-9) + 1)]
-
-
-def axes(xlim, ylim, title, xlabel, ylabel, logx=False, logy=False, size=(480, 360)):
-    """A blank plot with ticks, grid, labels and title: returns (image, draw, to_px: data -> pixel)."""
+def line_plot(path, series, title, xlabel, ylabel, size=(620, 430)):
+    """Saves series [(label, xs, ys)] as lines on a log y axis, with ticks, grid, labels and a legend."""
+    xs, ys = [x for s in series for x in s[1]], [y for s in series for y in s[2]]
+    (xa, xb), (ya, yb) = (min(xs), max(xs)), (min(ys) * 0.8, max(ys) * 1.25)
     img = Image.new("RGB", size, "white")
     d, f = ImageDraw.Draw(img), font(13)
     x0, y0, x1, y1 = 70, 50, size[0] - 20, size[1] - 50
-    tx, ty = (math.log10 if logx else float), (math.log10 if logy else float)
-
-    def to_px(x, y):
-        return (x0 + (tx(x) - tx(xlim[0])) / ((tx(xlim[1]) - tx(xlim[0])) or 1) * (x1 - x0),
-                y1 - (ty(y) - ty(ylim[0])) / ((ty(ylim[1]) - ty(ylim[0])) or 1) * (y1 - y0))
-
-    label = lambda v: f"{v:.0e}" if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3) else f"{v:g}"
-    for v in ticks(*xlim, logx):
-        px = to_px(v, ylim[0])[0]
-        d.line([(px, y0), (px, y1 + 4)], fill=(230, 230, 230))
-        d.text((px, y1 + 6), label(v), fill="black", font=f, anchor="ma")
-    for v in ticks(*ylim, logy):
-        py = to_px(xlim[0], v)[1]
-        d.line([(x0 - 4, py), (x1, py)], fill=(230, 230, 230))
-        d.text((x0 - 6, py), label(v), fill="black", font=f, anchor="rm")
+    to_px = lambda x, y: (x0 + (x - xa) / ((xb - xa) or 1) * (x1 - x0),
+                          y1 - math.log(y / ya) / math.log(yb / ya) * (y1 - y0))
+    raw = ((xb - xa) or 1) / 5  # x ticks 1, 2 or 5 times a power of ten apart; y ticks at powers of ten
+    step = min(s for s in (m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)) if s >= raw)
+    for v in [k * step for k in range(math.ceil(xa / step), math.floor(xb / step) + 1)]:
+        d.line([(to_px(v, ya)[0], y0), (to_px(v, ya)[0], y1 + 4)], fill=(230, 230, 230))
+        d.text((to_px(v, ya)[0], y1 + 6), f"{v:g}", fill="black", font=f, anchor="ma")
+    for v in [10.0 ** e for e in range(math.ceil(math.log10(ya)), math.floor(math.log10(yb)) + 1)]:
+        d.line([(x0 - 4, to_px(xa, v)[1]), (x1, to_px(xa, v)[1])], fill=(230, 230, 230))
+        d.text((x0 - 6, to_px(xa, v)[1]), f"{v:g}", fill="black", font=f, anchor="rm")
     d.rectangle((x0, y0, x1, y1), outline="black")
     d.text(((x0 + x1) / 2, y1 + 24), xlabel, fill="black", font=f, anchor="ma")
     d.text((x0 - 4, y0 - 8), ylabel, fill="black", font=f, anchor="ld")
     d.text((size[0] / 2, 8), title, fill="black", font=font(15), anchor="ma")
-    return img, d, to_px
-
-
-def line_plot(series, title, xlabel, ylabel, logx=False, logy=False, ylim=None, size=(480, 360)):
-    """series: [(label, xs, ys)] -> a PIL image of the lines with a legend in the top-right corner."""
-    xs = [x for _, xs_, _ in series for x in xs_]
-    ys = [y for _, _, ys_ in series for y in ys_]
-    pad = 0 if logy else 0.05 * ((max(ys) - min(ys)) or 1)
-    ylim = ylim or (min(ys) - pad, max(ys) + pad)
-    img, d, to_px = axes((min(xs), max(xs)), ylim, title, xlabel, ylabel, logx, logy, size)
     for k, (name, xs_, ys_) in enumerate(series):
-        color = PALETTE[k % len(PALETTE)]
-        pts = [to_px(x, min(max(y, ylim[0]), ylim[1])) for x, y in zip(xs_, ys_)]
-        d.line(pts, fill=color, width=2)
-        for px, py in pts if len(pts) <= 30 else ():  # few points: mark each measurement
-            d.ellipse((px - 3, py - 3, px + 3, py + 3), fill=color)
+        color = [(31, 119, 180), (214, 39, 40)][k]
+        d.line([to_px(x, y) for x, y in zip(xs_, ys_)], fill=color, width=2)
         d.line([(size[0] - 170, 62 + 18 * k), (size[0] - 145, 62 + 18 * k)], fill=color, width=3)
-        d.text((size[0] - 140, 62 + 18 * k), name, fill="black", font=font(13), anchor="lm")
-    return img
-
-
-def save_row(path, images, title=""):
-    """Paste PIL images side by side under an optional title and save the PNG."""
-    top = 30 if title else 0
-    canvas = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images) + top), "white")
-    for k, im in enumerate(images):
-        canvas.paste(im, (sum(i.width for i in images[:k]), top))
-    ImageDraw.Draw(canvas).text((canvas.width // 2, 6), title, fill="black", font=font(16), anchor="ma")
-    canvas.save(path)
-
+        d.text((size[0] - 140, 62 + 18 * k), name, fill="black", font=f, anchor="lm")
+    img.save(path)
 
 if __name__ == "__main__":
     main()
