@@ -18,20 +18,33 @@ spec = importlib.util.spec_from_file_location("lesson_04", {path!r})
 m = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(m)
 vars(m).update({constants!r})
+{extra}
 m.main(sys.argv[1:])
 """
+# Ctrl-C while the batch of step `at` is drawn: the run saves its checkpoint there and exits 130
+INTERRUPT = """draw, calls = m.draw_batch, []
+def draw_batch(*args):
+    calls.append(1)
+    if len(calls) > {at}:
+        raise KeyboardInterrupt
+    return draw(*args)
+m.draw_batch = draw_batch"""
 
 
-def launcher(tmp, **constants):
-    """A script that runs 04_train.py's main with some module constants changed (EVAL_SAMPLES=0 unless given)."""
+def launcher(tmp, interrupt_at=None, **constants):
+    """A script that runs 04_train.py's main with some module constants changed (EVAL_SAMPLES=0 unless given),
+    and interrupted at step `interrupt_at` if given."""
     path = tmp / "launch_04.py"
-    path.write_text(LAUNCHER.format(path=str(ROOT / "04_train.py"), constants={"EVAL_SAMPLES": 0, **constants}))
+    extra = INTERRUPT.format(at=interrupt_at) if interrupt_at is not None else ""
+    path.write_text(LAUNCHER.format(path=str(ROOT / "04_train.py"), constants={"EVAL_SAMPLES": 0, **constants},
+                                    extra=extra))
     return str(path)
 
 
-def train(tmp, *args, run="run", **constants):
+def train(tmp, *args, run="run", interrupt_at=None, **constants):
     """A --quick run without the quality metric; returns (exit status, stdout, stderr)."""
-    cmd = [sys.executable, launcher(tmp, **constants), "--quick", "--out", tmp / "fig", "--run-dir", tmp / run, *args]
+    cmd = [sys.executable, launcher(tmp, interrupt_at, **constants), "--quick", "--out", tmp / "fig",
+           "--run-dir", tmp / run, *args]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     return proc.returncode, proc.stdout, proc.stderr
@@ -106,8 +119,10 @@ def test_quick_run_writes_checkpoint_and_figures(tmp_path):
 
 
 def test_resume_is_bit_exact(tmp_path):
+    # the learning rate follows a cosine over --steps, so the split run is one 8-step run stopped at step 4
     assert train(tmp_path, "--steps", "8", run="straight", SAVE_EVERY=4)[0] == 0
-    assert train(tmp_path, "--steps", "4", run="split")[0] == 0
+    code, out, _ = train(tmp_path, "--steps", "8", run="split", interrupt_at=4)
+    assert code == 130 and "interrupted at step 4" in out
     code, out, err = train(tmp_path, "--steps", "8", "--resume", run="split")
     assert code == 0, err
     assert "resumed" in out
