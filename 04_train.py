@@ -123,8 +123,7 @@ def diffusion_loss(net, x0, t, eps, alpha_bar, pred, weighting, autocast):
     return (loss_weight(weighting, pred, ab.view(-1)) * per_sample).mean(), per_sample.detach()
 
 def learning_rate(step, steps, lr, warmup):
-    """A linear warmup (Adam's second-moment estimates are poor at first), then a cosine from lr to 0 at the
-    last step: lr_s = lr min(1, (s+1)/warmup) (1 + cos(pi s / steps)) / 2. The run ends on small, settling steps."""
+    """Warmup (Adam's moment estimates start poor), then a cosine to 0: lr min(1, (s+1)/warmup) (1+cos(pi s/steps))/2"""
     return lr * min(1.0, (step + 1) / max(1, warmup)) * (1 + math.cos(math.pi * step / steps)) / 2
 
 def train_step(model, ema, opt, loss, step, lr):
@@ -289,6 +288,7 @@ def train(args, state, net, images, shard, alpha_bar, x_fixed, autocast):
         while state["step"] < args.steps:
             x0, t, eps = (d.to(x_fixed.device, non_blocking=True)
                           for d in draw_batch(images, shard, args.batch_size, state["gen"], args.hflip))
+            x0, eps = (d.contiguous(memory_format=torch.channels_last) for d in (x0, eps))  # as the UNet's weights
             loss, per_sample = diffusion_loss(net, x0, t, eps, alpha_bar, args.pred, args.loss_weight, autocast)
             if not torch.isfinite(loss):  # never step on a non-finite loss
                 stop(f"loss is {loss.item()} at step {state['step']}", path, args)
