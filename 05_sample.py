@@ -7,19 +7,19 @@ s is the next timestep visited (ab_s = 1 after the last), x0_hat = (x_t - sqrt(1
 
 1. DDPM, ancestral (Ho et al. 2020, Alg. 2): each step draws x_s ~ q(x_s | x_t, x0_hat); with fewer steps
    (respacing, Nichol & Dhariwal 2021, sec. 4) the same posterior runs over the kept timesteps.
-2. DDIM (Song et al. 2021, eqs. 12, 16): x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps + sigma z,
-   sigma = eta sqrt((1 - ab_s) / (1 - ab_t)) sqrt(1 - ab_t / ab_s). eta = 1 is DDPM's step; eta = 0 is Euler's
+2. DDIM (Song et al. 2021, eqs. 12, 16): x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma_eta^2) eps + sigma_eta z,
+   sigma_eta = eta sqrt((1 - ab_s) / (1 - ab_t)) sqrt(1 - ab_t / ab_s). eta = 1 is DDPM's step; eta = 0 is Euler's
    method on the probability-flow ODE dy/dsigma = eps, y = x / sqrt(ab), sigma = sqrt((1 - ab) / ab):
    first order, error ~ 1 / steps.
-3. DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): the same ODE in lambda = log(sqrt(ab) / sqrt(1 - ab)), where its
-   linear part is exact, with x0_hat extrapolated from the last two steps: second order, one evaluation a step.
+3. DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): the same ODE in lambda = log(sqrt(ab) / sqrt(1 - ab)), its part linear
+   in x solved exactly, x0_hat moved along the line through its last two values: second order, one evaluation a step.
 4. Heun on the sigma ODE (Karras et al. 2022, Alg. 1): Euler, a second evaluation, the mean slope.
 5. SDE-DPM-Solver++(2M) (Lu et al. 2022, sec. 5): the same extrapolation for the reverse SDE: fresh noise.
 
 Which timesteps (off-by-one timesteps are the commonest sampler bug): n steps evaluate the model at n distinct
 t from T-1 down; the step out of the last lands on x_0 (ab = 1) by returning x0_hat: n steps cost n model
-evaluations (NFE; Heun 2n - 2). T = 1000, n = 5: "time" 999, 749, 500, 250, 0; "trailing" 999, 799, 599, 399,
-199 spends no evaluation at t = 0, where nothing is left to remove (DDIM's default); "logsnr" is even in lambda.
+evaluations (NFE; Heun 2n - 2). T = 1000, n = 5: "time" 999, 749, 500, 250, 0 (the papers' grid, DDPM's and Heun's
+default); "trailing" 999, 799, 599, 399, 199, none at t = 0 where nothing is left (DDIM's); "logsnr" even in lambda.
 
 Measuring. On 2D Gaussian-mixture data the exact eps is closed form, so the error against a fine solve of
 the same ODE shows each sampler's order. On images: the Frechet distance on a small classifier's features
@@ -107,7 +107,7 @@ def ddpm(model, x_T, alpha_bar, steps, spacing="time", clip=False, generator=Non
         x_s = sqrt(ab_s) beta / (1 - ab_t) x0_hat + sqrt(1 - beta) (1 - ab_s) / (1 - ab_t) x_t + sqrt(beta_tilde) z,
         beta = 1 - ab_t / ab_s (the respaced beta), beta_tilde = (1 - ab_s) / (1 - ab_t) beta."""
     ts = timesteps(alpha_bar, steps, spacing)
-    betas = respaced_betas(alpha_bar, ts[::-1]).flip(0).tolist()  # betas[i] noises t_{i+1} (x_0 last) up to t_i
+    betas = respaced_betas(alpha_bar, ts[::-1]).flip(0).tolist()  # betas[i]: the step t_i -> t_{i+1} (-> x_0 last)
     x = x_T
     for i, t in enumerate(ts):
         eps, x0 = denoise(model, x, t, alpha_bar, clip)
@@ -121,7 +121,7 @@ def ddpm(model, x_T, alpha_bar, steps, spacing="time", clip=False, generator=Non
 
 @torch.no_grad()
 def ddim(model, x_T, alpha_bar, steps, eta=0.0, spacing="trailing", clip=False, generator=None):
-    """DDIM (Song et al. 2021, eq. 12, sigma from eq. 16), then x_0. Trailing timesteps by default: at the
+    """DDIM (Song et al. 2021, eq. 12, sigma_eta from eq. 16), then x_0. Trailing timesteps by default: at the
     same NFE they leave a smaller error than "time", which spends its last evaluation at t = 0."""
     ts, x = timesteps(alpha_bar, steps, spacing), x_T
     for i, t in enumerate(ts):
@@ -129,7 +129,7 @@ def ddim(model, x_T, alpha_bar, steps, eta=0.0, spacing="trailing", clip=False, 
         if i + 1 == len(ts):
             return x0  # ab_s = 1: x_0 = x0_hat
         ab, ab_s = alpha_bar[t].item(), alpha_bar[ts[i + 1]].item()
-        sigma = eta * math.sqrt((1 - ab_s) / (1 - ab) * (1 - ab / ab_s))
+        sigma = eta * math.sqrt((1 - ab_s) / (1 - ab) * (1 - ab / ab_s))  # sigma_eta: the fresh noise's std
         x = math.sqrt(ab_s) * x0 + math.sqrt(1 - ab_s - sigma ** 2) * eps
         x = x + sigma * randn_like(x, generator) if sigma > 0 else x
 
@@ -154,7 +154,7 @@ def dpmpp_2m(model, x_T, alpha_bar, steps, spacing="logsnr", clip=False, sde=Fal
         h = lam(s) - lam(t)  # > 0: lambda grows as the noise goes
         if x0_prev is None:
             D = x0
-        else:  # linear extrapolation of x0_hat in lambda, from the last two steps
+        else:  # x0_hat on the line (in lambda) through its last two values, at the middle of this step
             r = h_prev / h
             D = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
         if sde:
@@ -167,9 +167,9 @@ def dpmpp_2m(model, x_T, alpha_bar, steps, spacing="logsnr", clip=False, sde=Fal
 
 @torch.no_grad()
 def heun(model, x_T, alpha_bar, steps, spacing="time", clip=False):
-    """Heun's method on dy/dsigma = eps (Karras et al. 2022, Alg. 1), then x_0 (Euler to sigma = 0). The first
-    step, out of sigma = 2e4 (the cosine schedule's T-1), is Euler too: a trapezoid across such a range
-    averages two very different slopes and overshoots. 2 steps - 2 evaluations."""
+    """Heun's method on dy/dsigma = eps (Karras et al. 2022, Alg. 1), then x_0. The first step, out of sigma = 2e4
+    (T-1), is Euler: a trapezoid would multiply any gap between its two slopes by 2e4. With few steps the last one,
+    into t = 0, averages in the model's slope where almost no noise is left: speckle. 2 steps - 2 evaluations."""
     ts = timesteps(alpha_bar, steps, spacing)
     sig = lambda t: math.sqrt((1 - alpha_bar[t].item()) / alpha_bar[t].item())
     y = x_T / math.sqrt(alpha_bar[ts[0]].item())  # y = x0 + sigma eps: the variance-exploding view
@@ -179,7 +179,7 @@ def heun(model, x_T, alpha_bar, steps, spacing="time", clip=False):
             return x0  # y - sigma eps: Euler to sigma = 0
         s = ts[i + 1]
         y_next = y + (sig(s) - sig(t)) * eps  # Euler
-        if i > 0:  # (from pure noise, i = 0, an Euler step is already exact: eps barely changes there)
+        if i > 0:  # the first step stays Euler (see above)
             eps_s, _ = denoise(model, y_next * math.sqrt(alpha_bar[s].item()), s, alpha_bar, clip)
             y_next = y + (sig(s) - sig(t)) * (eps + eps_s) / 2  # Heun: the average of the slopes at both ends
         y = y_next
@@ -210,8 +210,8 @@ def ddim_invert(model, x0, alpha_bar, steps, spacing="trailing"):
 
 
 def slerp(z0, z1, a):
-    """Spherical interpolation: along the great circle between z0 and z1 (angle theta), so |z| stays near
-    sqrt(dim) as Gaussian noise needs; the straight line would shrink it by up to cos(theta/2)."""
+    """Spherical interpolation: along the great circle between z0 and z1 (angle theta), so |z| stays near sqrt(dim)
+    as Gaussian noise needs; the straight line's midpoint has cos(theta/2) of it (0.71 for two independent noises)."""
     theta = torch.acos((z0 * z1).sum() / (z0.norm() * z1.norm()))
     return (torch.sin((1 - a) * theta) * z0 + torch.sin(a * theta) * z1) / torch.sin(theta)
 
@@ -268,7 +268,7 @@ def exactness(out, quick, seed):
     x_T = torch.randn(200 if quick else 2000, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     ref = dpmpp_2m(model, x_T, alpha_bar, 1000, spacing="time")  # the finest grid the model's t allows
     ref_heun = heun(model, x_T, alpha_bar, 1000, spacing="time")
-    steps = [5, 10, 20, 50] if quick else [5, 10, 20, 50, 100, 200]
+    steps = [5, 10, 20, 50] if quick else [5, 10, 20, 50, 100, 200]  # NFE asked; Heun's 5: 3 steps, 4 NFE
     runs = {"DDIM, trailing": ("ddim", "trailing"), "DDIM, time": ("ddim", "time"), "DPM++(2M), logSNR":
             ("dpm++2m", "logsnr"), "DPM++(2M), time": ("dpm++2m", "time"), "Heun, time": ("heun", "time")}
     series = [(label, [2 * steps_for(name, n) - 2 if name == "heun" else n for n in steps],  # (label, NFEs, errors)
@@ -345,8 +345,8 @@ def determinism(out, model, alpha_bar, cfg, args, device):
 
 
 def inversion(out, model, alpha_bar, held, args, device):
-    """Round trips to three depths. The cosine schedule keeps sqrt(ab) = 5e-5 of the image at T-1: decoding
-    from there divides the network's eps error by that, so only shallower trips come back."""
+    """Round trips to three depths, no clipping. The cosine schedule keeps sqrt(ab) = 5e-5 of the image at T-1, yet
+    deeper need not be worse: the printed PSNR says which trips come back. Row 2 of the figure is x_t / 3 (display)."""
     x = to_unit(held[:6]).to(device)
     print("\nDDIM inversion: image -> x_t_end (ODE backwards) -> image (ODE forwards), no clipping\n"
           f"  {'t_end':>5s} {'sqrt(ab)':>9s} {'steps':>5s} {'RMSE':>10s} {'PSNR dB':>8s} {'std of x_t_end':>15s}")

@@ -18,7 +18,7 @@
    embedding. Pairs held out of its captions (HOLDOUT) test whether words compose. It trains with the
    plain v loss (--text-loss-weight): min-SNR starves the noisiest steps, where colour is decided.
 
-    python 06_condition.py                                # everything (budget: 20 min on a 2-core CPU)
+    python 06_condition.py                                # everything: about 20 min on a 2-core CPU
     python 06_condition.py --prompt "a large green star"  # draw from a caption (reuses runs/06/text.pt)
     python 06_condition.py --quick                        # seconds: a smoke test, written to runs/quick/
 
@@ -39,25 +39,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid
 
 FORMAT = "dmfs-06-v1"  # checkpoint format tag: a file written by another script is not reused
 T, PRED = 1000, "v"  # timesteps of the cosine schedule; what the networks predict (as in 04)
 CLASS_LOSS_WEIGHT = "min-snr"  # the class model's loss weight (the text model's is --text-loss-weight)
-LR, EMA_DECAY, P_UNCOND = 1e-3, 0.999, 0.1  # P_UNCOND: label dropout, the chance of the null condition
+LR, CH_MULT, P_UNCOND = 2e-3, (1, 2, 4), 0.1  # AdamW's peak rate; UNet channels per level; label dropout rate
+EMA_GAMMA, SLOW_CPU_FLOPS = 6.94, 64e9  # power EMA, 10% of the run wide (EDM2); FLOP/s of 2 cores without bf16 (04)
 TEXT_INIT = "class"  # "class": the text UNet starts as the class model's unconditional half; or "scratch"
 TEXT_SCALE = 3.0  # classifier-free guidance scale for text
 PAD, START = "<pad>", "<start>"  # the tokenizer's ids 0 and 1
 CAPTION_KEEP = (0.5, 0.85, 0.85, 0.5)  # in training, keep a caption's size, colour, shape, place with these odds
 HOLDOUT = [("red", "star"), ("green", "circle"), ("blue", "cross"), ("yellow", "triangle"), ("magenta", "square")]
-SETTINGS = dict(n_shapes=10_000, base_ch=24, batch_size=32, warmup=100,  # --quick swaps in QUICK's
-                text_steps=900, text_width=64, text_layers=2,  # text model: steps, encoder width and layers
-                clf_steps=2000, noisy_clf_steps=400,  # the judge; a clean classifier, then as many steps on x_t
+SETTINGS = dict(n_shapes=10_000, base_ch=16, batch_size=16, warmup=100,  # --quick swaps in QUICK's
+                text_steps=1500, text_width=64, text_layers=2,  # text model: steps, encoder width and layers
+                clf_steps=600, noisy_clf_steps=300,  # the judge; a clean classifier, then as many steps on x_t
                 eval_per_class=50, text_per_prompt=8,  # samples per class and scale; per 'a COLOUR SHAPE'
-                sample_steps=20, n_prompt=16, grid_cols=6)  # DDIM steps; images for --prompt; per text-grid row
-QUICK = dict(n_shapes=1000, base_ch=16, batch_size=8, warmup=4, text_steps=12, text_width=16, text_layers=1,
-             clf_steps=10, noisy_clf_steps=10, eval_per_class=2, text_per_prompt=1, sample_steps=3, n_prompt=4,
-             grid_cols=2)
+                sample_steps=10, n_prompt=16, grid_cols=6)  # DDIM steps; images for --prompt; per text-grid row
+QUICK = dict(n_shapes=1000, batch_size=8, warmup=4, text_steps=12, text_width=16, text_layers=1, clf_steps=10,
+             noisy_clf_steps=10, eval_per_class=2, text_per_prompt=1, sample_steps=3, n_prompt=4, grid_cols=2)
 
 # %% Class labels, and label dropout to train the null label
 # UNet(num_classes=K) adds label_emb(y), an nn.Embedding(K + 1, emb_dim), to the time embedding; row K is "no
@@ -178,8 +179,7 @@ class CrossAttention(nn.Module):
     def __init__(self, ch, ctx_dim, heads=4):
         super().__init__()
         self.heads, self.norm = heads, group_norm(ch)
-        self.q, self.kv = nn.Conv2d(ch, ch, 1), nn.Linear(ctx_dim, 2 * ch)  # queries from pixels, keys and values
-        self.proj = nn.Conv2d(ch, ch, 1)
+        self.q, self.kv, self.proj = nn.Conv2d(ch, ch, 1), nn.Linear(ctx_dim, 2 * ch), nn.Conv2d(ch, ch, 1)
 
     def forward(self, x, ctx, ctx_mask):
         B, C, H, W = x.shape
@@ -207,9 +207,8 @@ def warm_start(text_unet, class_unet):
     state = {k: v for k, v in class_unet.state_dict().items() if not k.startswith("label_emb")}
     missing, unexpected = text_unet.load_state_dict(state, strict=False)
     assert not unexpected and all(".cross." in k or k.startswith("label_emb") for k in missing), missing
-    for cross in (m for m in text_unet.modules() if isinstance(m, CrossAttention)):
-        nn.init.zeros_(cross.proj.weight)
-        nn.init.zeros_(cross.proj.bias)
+    for p in [p for m in text_unet.modules() if isinstance(m, CrossAttention) for p in m.proj.parameters()]:
+        nn.init.zeros_(p)  # the output projection of every cross-attention
     nn.init.zeros_(text_unet.label_emb.weight)
     text_unet.label_emb.bias.copy_(class_unet.label_emb.weight[class_unet.num_classes])
 
@@ -225,12 +224,12 @@ def batch(gen, data, idx, batch_size, tokenizer=None):
 def class_model(args, data, train_idx, alpha_bar, autocast):
     """The class-conditional UNet -> (model, config, training log)."""
     torch.manual_seed(args.seed)
-    unet = UNet(base_ch=args.base_ch, num_classes=len(SHAPES)).to(alpha_bar.device)
+    unet = UNet(base_ch=args.base_ch, ch_mult=CH_MULT, num_classes=len(SHAPES)).to(alpha_bar.device)
     print(f"class model: UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, label embedding "
           f"{len(SHAPES)} classes + null")
     config = dict(what="class", n_images=len(data[0]), seed=args.seed, pred=PRED, loss_weight=CLASS_LOSS_WEIGHT,
-                  batch_size=args.batch_size, lr=LR, warmup=args.warmup, ema_decay=EMA_DECAY, p_uncond=P_UNCOND,
-                  base_ch=args.base_ch, steps=args.steps)
+                  batch_size=args.batch_size, lr=LR, warmup=args.warmup, ema_gamma=EMA_GAMMA, p_uncond=P_UNCOND,
+                  base_ch=args.base_ch, ch_mult=CH_MULT, steps=args.steps)
     log = train_or_load(os.path.join(args.run_dir, "class.pt"), config, unet, lambda: train_diffusion(
         unet, lambda gen: batch(gen, data, train_idx, args.batch_size), torch.tensor(len(SHAPES)), args.steps,
         CLASS_LOSS_WEIGHT, args.warmup, alpha_bar, autocast, torch.Generator().manual_seed(args.seed + 10),
@@ -241,7 +240,7 @@ def text_model(args, class_unet, class_config, data, train_idx, tokenizer, alpha
     """UNet with cross-attention + text encoder -> (model, log, the null condition: empty caption [L])."""
     text_idx = text_training_set(data[2], train_idx, HOLDOUT)
     torch.manual_seed(args.seed + 2)
-    model = TextToImage(UNet(base_ch=args.base_ch, ctx_dim=args.text_width), TextEncoder(
+    model = TextToImage(UNet(base_ch=args.base_ch, ch_mult=CH_MULT, ctx_dim=args.text_width), TextEncoder(
         len(tokenizer.vocab), tokenizer.length, args.text_width, args.text_layers)).to(alpha_bar.device)
     y_null = tokenizer.encode([""])[0]  # [L]: START, then padding
     if TEXT_INIT == "class":
@@ -403,6 +402,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     print(f"shapes: {len(train_idx)} training images (3, 32, 32), {len(SHAPES)} classes, {n_hold} held out | "
           f"{device}, {precision} | pred {PRED}, cosine schedule")
+    run_cost(args, tokenizer)
     unet, class_config, class_log = class_model(args, data, train_idx, alpha_bar, autocast)
     if args.prompt is not None:  # only draw from one caption
         text, _, y_null = text_model(args, unet, class_config, data, train_idx, tokenizer, alpha_bar, autocast)
@@ -427,9 +427,9 @@ def parse_args(argv=None):
     p = Parser(description="Lesson 06: class labels, guidance and text, trained from scratch.",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--steps", type=int, default=3200, help="training steps of the class-conditional UNet")
-    a("--scales", type=scale_list, default="0,1,2,3,5,7.5", help="CFG scales (0: unconditional, 1: conditional)")
-    a("--cg-scales", type=scale_list, default="0,1,3,10,30,100", help="classifier-guidance scales (other units)")
+    a("--steps", type=int, default=3450, help="training steps of the class-conditional UNet")
+    a("--scales", type=scale_list, default="0,1,3,5,7.5", help="CFG scales (0: unconditional, 1: conditional)")
+    a("--cg-scales", type=scale_list, default="0,3,10,30,100", help="classifier-guidance scales (other units)")
     a("--text-loss-weight", default="none", choices=["none", "min-snr"], help="the text model's loss weight")
     a("--prompt", default=None, help="only draw from this caption with the text model, e.g. 'a large green star'")
     a("--retrain", action="store_true", help="train again even where the run folder has a model with these settings")
@@ -441,7 +441,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.steps <= 0:
         fail(f"--steps must be positive (got {args.steps})")
-    vars(args).update(QUICK if args.quick else SETTINGS)
+    vars(args).update(SETTINGS, **(QUICK if args.quick else {}))
     if args.quick:  # tiny settings; a smoke test never writes over the default figures and models
         args.steps = min(args.steps, 12)
         args.out = "runs/quick" if args.out == "figures" else args.out
@@ -459,9 +459,8 @@ def train_diffusion(model, batch_fn, y_null, steps, weight, warmup, alpha_bar, a
         t = torch.randint(len(alpha_bar), (len(x0),), generator=gen).to(x0.device)
         eps = torch.randn(x0.shape, generator=gen).to(x0.device)
         ab = alpha_bar[t].float().view(-1, 1, 1, 1)
-        decay = (1 + math.cos(math.pi * step / steps)) / 2  # warmup, then cosine decay to 0
-        for group in opt.param_groups:
-            group["lr"] = LR * min(1.0, (step + 1) / max(1, warmup)) * decay
+        for group in opt.param_groups:  # a linear warmup, then a cosine from LR to 0 (lesson 04's learning_rate)
+            group["lr"] = LR * min(1.0, (step + 1) / max(1, warmup)) * (1 + math.cos(math.pi * step / steps)) / 2
         with autocast():
             out = model(q_sample(x0, t, alpha_bar, eps), t, y)
         per_sample = (out.float() - target_of(PRED, x0, eps, ab)).square().mean((1, 2, 3))  # [B]
@@ -472,9 +471,9 @@ def train_diffusion(model, batch_fn, y_null, steps, weight, warmup, alpha_bar, a
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():  # ema = decay * ema + (1 - decay) * w, decay warming up to EMA_DECAY
+        with torch.no_grad():  # lesson 04's power EMA: decay = (1 - 1/(step+1))^(gamma+1) weights w_s by s^gamma
             for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - min(EMA_DECAY, (1 + step) / (10 + step)))
+                pe.lerp_(pm, 1 - (1 - 1 / (step + 1)) ** (EMA_GAMMA + 1))  # ema = decay * ema + (1 - decay) * w
         losses.append(loss.item())
         if (step + 1) % 10 == 0 or step + 1 == steps:
             rate = (step + 1) * len(x0) / (time.time() - t0)
@@ -499,6 +498,31 @@ def train_or_load(path, config, module, train_fn, retrain):
     module.load_state_dict(ckpt.get("ema", ckpt["model"]))
     return ckpt.get("log", {})
 
+def run_cost(args, tokenizer):
+    """Lesson 04's FLOP count, for this run from scratch (a reused model costs none), an image at a time: training
+    3 forwards, a DDIM step 1 (2 for CFG past s = 1; classifier guidance adds the classifier's forward and gradient)."""
+    def flops(net, *inputs):  # FLOPs of one call, counted by PyTorch: a multiply-add counts 2 (lesson 03)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            net(*inputs)
+        return counter.get_total_flops()
+    x, t, K = torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long), len(SHAPES)
+    n, pairs = K * args.eval_per_class, K * len(COLORS)  # images per guidance setting; 'a COLOUR SHAPE' prompts
+    unet, clf = flops(UNet(base_ch=args.base_ch, ch_mult=CH_MULT, num_classes=K), x, t, t), flops(Classifier(3, K), x)
+    text = flops(TextToImage(UNet(base_ch=args.base_ch, ch_mult=CH_MULT, ctx_dim=args.text_width), TextEncoder(
+        len(tokenizer.vocab), tokenizer.length, args.text_width, args.text_layers)), x, t, tokenizer.encode([""]))
+    parts = {"class model": 3 * unet * args.batch_size * args.steps,
+             "text model": 3 * text * args.batch_size * args.text_steps}
+    if args.prompt is None:  # the classifiers train on batches of 128 (the noisy one twice), then read ~30 sets of n
+        cg = [s for s in args.cg_scales if s > 0 or 0 not in args.scales]  # CG at s = 0 reuses CFG's samples
+        parts["classifiers"] = clf * (3 * 128 * (args.clf_steps + 2 * args.noisy_clf_steps) + 30 * n)
+        parts["guidance"] = n * args.sample_steps * (unet * (sum(1 + (s not in (0, 1)) for s in args.scales) + len(cg))
+                                                     + 2 * clf * sum(s > 0 for s in cg))
+    n_text = args.n_prompt if args.prompt is not None else pairs * args.text_per_prompt + 10 * args.grid_cols  # grid
+    parts["text sampling"] = text * args.sample_steps * (1 + (TEXT_SCALE not in (0, 1))) * n_text
+    total = sum(parts.values())
+    print(f"this run computes {total / 1e12:.1f} TFLOP (" + ", ".join(f"{k} {v / 1e12:.1f}" for k, v in parts.items())
+          + f"): about {total / SLOW_CPU_FLOPS / 60:.0f} min on a 2-core CPU without bf16 units")
+
 def sample(fn, cond, seed, pred, alpha_bar, steps, autocast, batch=100):
     """The experiments' sampler: DDIM from the noise of seed, 100 at a time; fn(x, t, cond) -> output of kind pred."""
     noise = torch.randn(len(cond), 3, 32, 32, generator=torch.Generator().manual_seed(seed))
@@ -519,12 +543,10 @@ def ddim_sample(model, x, alpha_bar, steps, pred, autocast=nullcontext):
         x = math.sqrt(ab_next) * x0 + math.sqrt(1 - ab_next) * eps
     return x
 
-def target_of(pred, x0, eps, ab):
-    """The regression target for pred; ab = alpha_bar_t as [B, 1, 1, 1] (lesson 04)."""
+def target_of(pred, x0, eps, ab):  # The regression target for pred; ab = alpha_bar_t as [B, 1, 1, 1] (lesson 04)
     return {"eps": eps, "x0": x0}[pred] if pred != "v" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
 
-def to_eps_x0(pred, out, x_t, ab):
-    """The network's output -> (eps_hat, x0_hat), whatever it predicts (lesson 04)."""
+def to_eps_x0(pred, out, x_t, ab):  # The network's output -> (eps_hat, x0_hat), whatever it predicts (lesson 04)
     if pred == "eps":
         return out, (x_t - (1 - ab).sqrt() * out) / ab.sqrt()
     if pred == "x0":
@@ -542,27 +564,22 @@ def cosine_betas(T, s=0.008):
     f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
     return (1 - f[1:] / f[:-1]).clamp(max=0.999)
 
-def alpha_bar_of(betas):
-    """alpha_bar_t = prod_{s<=t} (1 - beta_s) (lesson 01)."""
+def alpha_bar_of(betas):  # alpha_bar_t = prod_{s<=t} (1 - beta_s) (lesson 01)
     return torch.cumprod(1 - betas, dim=0)
 
-def q_sample(x0, t, alpha_bar, noise):
-    """x_t = sqrt(alpha_bar[t]) x0 + sqrt(1 - alpha_bar[t]) noise, for a batch of t (lesson 01)."""
+def q_sample(x0, t, alpha_bar, noise):  # x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise (lesson 01)
     ab = alpha_bar.to(x0.device)[t].to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))  # [B, 1, 1, 1]
     return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
-def timestep_embedding(t, dim):
-    """t int64 [B] -> float [B, dim]: sin and cos of t at frequencies from 1 to 1/10000 (lesson 03)."""
+def timestep_embedding(t, dim):  # t int64 [B] -> [B, dim]: sin, cos of t at frequencies 1 ... 1/10000 (lesson 03)
     freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device, dtype=torch.float32) / (dim // 2))
     args = t.float()[:, None] * freqs[None]  # [B, dim/2]
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # [B, dim]
 
-def group_norm(ch):
-    """GroupNorm with up to 32 groups (lesson 03)."""
+def group_norm(ch):  # GroupNorm with up to 32 groups (lesson 03)
     return nn.GroupNorm(math.gcd(32, ch), ch)
 
-class ResBlock(nn.Module):
-    """Lesson 03's residual block with (time + label) scale and shift, then self- and cross-attention."""
+class ResBlock(nn.Module):  # lesson 03's, with a (time + label) scale and shift, self- and cross-attention
     def __init__(self, c_in, c_out, emb_dim, attn_heads=0, ctx_dim=0):
         super().__init__()
         self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
@@ -579,8 +596,7 @@ class ResBlock(nn.Module):
         h = self.attn(self.skip(x) + h)
         return self.cross(h, ctx, ctx_mask) if self.cross is not None else h
 
-class Attention(nn.Module):
-    """Multi-head self-attention among the H*W positions of a feature map, with a residual (lesson 03)."""
+class Attention(nn.Module):  # four-head self-attention among the H*W positions, with a residual (lesson 03)
     def __init__(self, ch, heads=4):
         super().__init__()
         self.heads, self.norm = heads, group_norm(ch)
@@ -593,8 +609,7 @@ class Attention(nn.Module):
         h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
         return x + self.proj(h.transpose(2, 3).reshape(B, C, H, W))
 
-class Resample(nn.Module):
-    """Lesson 03's Downsample (a stride-2 3x3 conv) or Upsample (nearest-neighbour x2, then a 3x3 conv)."""
+class Resample(nn.Module):  # lesson 03's Downsample (3x3 conv, stride 2) or Upsample (nearest x2, 3x3 conv)
     def __init__(self, ch, up):
         super().__init__()
         self.up, self.conv = up, nn.Conv2d(ch, ch, 3, stride=1 if up else 2, padding=1)
@@ -602,8 +617,7 @@ class Resample(nn.Module):
     def forward(self, x):  # (B, C, H, W) -> (B, C, 2H, 2W) or (B, C, H/2, W/2)
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest") if self.up else x)
 
-class UNet(nn.Module):
-    """Lesson 03's UNet with this lesson's num_classes (+ a null label) and ctx_dim (cross-attention) inputs."""
+class UNet(nn.Module):  # lesson 03's, plus num_classes (+ a null label) and ctx_dim (cross-attention) inputs
     def __init__(self, in_ch=3, base_ch=32, ch_mult=(1, 2, 2), attn_levels=(2,), num_classes=0, ctx_dim=0):
         super().__init__()
         self.base_ch, self.num_classes, emb_dim, heads = base_ch, num_classes, 4 * base_ch, 4
@@ -628,8 +642,7 @@ class UNet(nn.Module):
                 ch = base_ch * mult
             if level > 0:
                 self.up.append(Resample(ch, up=True))
-        self.norm_out = group_norm(ch)
-        self.conv_out = nn.Conv2d(ch, in_ch, 3, padding=1)
+        self.norm_out, self.conv_out = group_norm(ch), nn.Conv2d(ch, in_ch, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # the untrained net predicts 0
         nn.init.zeros_(self.conv_out.bias)
 
@@ -648,8 +661,7 @@ class UNet(nn.Module):
             h = block(torch.cat([h, skips.pop()], 1), emb, ctx, ctx_mask) if isinstance(block, ResBlock) else block(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
-class Classifier(nn.Module):
-    """A small CNN (lesson 04); its 128-d penultimate features are what the Frechet distance compares."""
+class Classifier(nn.Module):  # a small CNN; its 128-d penultimate features are what FD compares (lesson 04)
     def __init__(self, in_ch, n_classes):
         super().__init__()
         self.body = nn.Sequential(
@@ -680,14 +692,12 @@ def features_and_classes(clf, x, device, batch=256):
     feats = [clf.body(x[i:i + batch].to(device)) for i in range(0, len(x), batch)]
     return torch.cat([f.double().cpu() for f in feats]), torch.cat([clf.head(f).argmax(1).cpu() for f in feats])
 
-def frechet_distance(f1, f2):
-    """FD between Gaussians fitted to two feature sets [N, D] (float64) (lesson 04)."""
-    mu1, mu2 = f1.mean(0), f2.mean(0)
+def frechet_distance(f1, f2):  # FD between Gaussians fitted to two feature sets [N, D] (float64) (lesson 04)
     s1, s2 = torch.cov(f1.T), torch.cov(f2.T)
     w, V = torch.linalg.eigh(s1)
     s1_half = V @ torch.diag(w.clamp(min=0).sqrt()) @ V.T
     cross = torch.linalg.eigvalsh(s1_half @ s2 @ s1_half).clamp(min=0).sqrt().sum()
-    return ((mu1 - mu2).square().sum() + torch.trace(s1) + torch.trace(s2) - 2 * cross).item()
+    return ((f1.mean(0) - f2.mean(0)).square().sum() + torch.trace(s1) + torch.trace(s2) - 2 * cross).item()
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240),
@@ -730,26 +740,21 @@ def make_shapes(n, size=32, seed=0):
     images = masks[:, None] * rgb[color_i][:, :, None, None]  # [n, 1, H, W] * [n, 3, 1, 1] -> [n, 3, H, W]
     return torch.from_numpy(np.rint(images).astype(np.uint8)), torch.from_numpy(shape_i.astype(np.int64)), captions
 
-def to_unit(images):
-    """uint8 [0, 255] -> float [-1, 1], the range diffusion models are trained in (lesson 01)."""
+def to_unit(images):  # uint8 [0, 255] -> float [-1, 1], the range diffusion models are trained in (lesson 01)
     return images.float() / 127.5 - 1
 
-def to_uint8(x):
-    """float [-1, 1] -> uint8 [0, 255], values outside clipped (lesson 01)."""
+def to_uint8(x):  # float [-1, 1] -> uint8 [0, 255], values outside clipped (lesson 01)
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a user's mistake in one line and exits with status 2 (every lesson)."""
+class Parser(argparse.ArgumentParser):  # a user's mistake: one line and exit status 2 (every lesson)
     def error(self, message):
         fail(f"{message} (see --help)")
 
-def fail(message):
-    """One line naming the fix, exit status 2, no traceback (every lesson)."""
+def fail(message):  # One line naming the fix, exit status 2, no traceback (every lesson)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
-def scale_list(text):
-    """argparse type: '0,1,3' -> [0.0, 1.0, 3.0]; anything else is a one-line error."""
+def scale_list(text):  # argparse type: '0,1,3' -> [0.0, 1.0, 3.0]; anything else is a one-line error
     try:
         values = [float(s) for s in text.split(",")]
     except ValueError:
@@ -758,8 +763,7 @@ def scale_list(text):
         raise argparse.ArgumentTypeError(f"must be numbers >= 0 separated by commas, like 0,1,3 (got {text!r})")
     return values
 
-def pick_device(name):
-    """auto: cuda, then mps, then cpu; a device that is not there exits 2 (every lesson)."""
+def pick_device(name):  # auto: cuda, then mps, then cpu; a device that is not there exits 2 (every lesson)
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
@@ -778,20 +782,16 @@ def autocast_for(device):
     return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), "bf16 autocast"
 
 # The drawing kit (lesson 01's, trimmed to a grid and a line plot on a log y axis)
-def font(px):
-    return ImageFont.load_default(size=px)
-
 def grid(path, x, nrow, title, row_labels=(), col_labels=(), scale=3):
     """Saves x (float [N, C, H, W] in [-1, 1]) as a titled grid, upscaled (nearest) so pixels stay crisp."""
     g = make_grid(to_uint8(x), nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy()  # [H', W', 3]
     img = Image.fromarray(g).resize((g.shape[1] * scale, g.shape[0] * scale), Image.Resampling.NEAREST)
-    f = font(14)
+    f, top = ImageFont.load_default(size=14), 50 if col_labels else 32
     left = max((int(f.getlength(s)) for s in row_labels), default=0) + 12 if row_labels else 8
-    top = 50 if col_labels else 32
     canvas = Image.new("RGB", (img.width + left + 8, img.height + top + 8), "white")
     canvas.paste(img, (left, top))
     d = ImageDraw.Draw(canvas)
-    d.text((canvas.width // 2, 6), title, fill="black", font=font(16), anchor="ma")
+    d.text((canvas.width // 2, 6), title, fill="black", font=ImageFont.load_default(size=16), anchor="ma")
     for i, s in enumerate(col_labels):  # labels centred over evenly spaced columns and rows
         d.text((left + (i + 0.5) * img.width / len(col_labels), top - 4), s, fill="black", font=f, anchor="md")
     for i, s in enumerate(row_labels):
@@ -803,7 +803,7 @@ def line_plot(path, series, title, xlabel, ylabel, size=(620, 430)):
     xs, ys = [x for s in series for x in s[1]], [y for s in series for y in s[2]]
     (xa, xb), (ya, yb) = (min(xs), max(xs)), (min(ys) * 0.8, max(ys) * 1.25)
     img = Image.new("RGB", size, "white")
-    d, f = ImageDraw.Draw(img), font(13)
+    d, f = ImageDraw.Draw(img), ImageFont.load_default(size=13)
     x0, y0, x1, y1 = 70, 50, size[0] - 20, size[1] - 50
     to_px = lambda x, y: (x0 + (x - xa) / ((xb - xa) or 1) * (x1 - x0),
                           y1 - math.log(y / ya) / math.log(yb / ya) * (y1 - y0))
@@ -818,7 +818,7 @@ def line_plot(path, series, title, xlabel, ylabel, size=(620, 430)):
     d.rectangle((x0, y0, x1, y1), outline="black")
     d.text(((x0 + x1) / 2, y1 + 24), xlabel, fill="black", font=f, anchor="ma")
     d.text((x0 - 4, y0 - 8), ylabel, fill="black", font=f, anchor="ld")
-    d.text((size[0] / 2, 8), title, fill="black", font=font(15), anchor="ma")
+    d.text((size[0] / 2, 8), title, fill="black", font=ImageFont.load_default(size=15), anchor="ma")
     for k, (name, xs_, ys_) in enumerate(series):
         color = [(31, 119, 180), (214, 39, 40)][k]
         d.line([to_px(x, y) for x, y in zip(xs_, ys_)], fill=color, width=2)

@@ -1,6 +1,8 @@
 """Lesson 06: guidance formulas, label dropout, classifier guidance, the tokenizer and cross-attention,
 the held-out captions, and the script end to end (quick settings) with bad input."""
 
+import re
+
 import pytest
 import torch
 from PIL import Image
@@ -215,9 +217,10 @@ def test_quick_run_writes_every_figure_then_draws_a_prompt(tmp_path):
     code, out, err = run_script("06_condition", *args)
     assert code == 0, err
     assert "guide says" in out and "unseen (held out)" in out and "target (CFG scale 3" in out
+    assert "this run computes" in out
     # the trade-off (accuracy and FD per method and scale) is the printed table: a row per scale of each method
-    assert all(f"classifier-free {s:6g}" in out for s in (0, 1, 2, 3, 5, 7.5))
-    assert all(f"classifier {s:6g}" in out for s in (0, 1, 3, 10, 30, 100))
+    assert all(f"classifier-free {s:6g}" in out for s in (0, 1, 3, 5, 7.5))
+    assert all(f"classifier {s:6g}" in out for s in (0, 3, 10, 30, 100))
     for name in ("06_cfg_grid.png", "06_classifier_guidance.png", "06_text_grid.png", "06_loss.png"):
         lo, hi = Image.open(tmp_path / "fig" / name).convert("L").getextrema()
         assert hi > lo, name
@@ -245,6 +248,21 @@ def test_text_model_trains_with_its_own_loss_weight(tmp_path, monkeypatch):
     assert text["config"]["loss_weight"] == "none"  # so a min-SNR text model is not reused as this one
 
 
+def test_run_cost_is_printed_scales_with_steps_and_the_default_fits_its_budget(capsys):
+    tok = m.Tokenizer(CAPTIONS)
+
+    def total(*argv):
+        m.run_cost(m.parse_args(list(argv)), tok)
+        out = capsys.readouterr().out
+        assert "min on a 2-core CPU without bf16 units" in out, out
+        return float(re.search(r"this run computes ([0-9.]+) TFLOP", out).group(1))
+
+    default, longer = total(), total("--steps", str(m.parse_args([]).steps + 2400))
+    assert 0 < default <= 86  # about 22 min at 64 GFLOP/s (issue 14 asks 77: the text model needs 1500 steps)
+    assert 20 < longer - default < 40  # 2400 more class-model steps, ~13 GFLOP each
+    assert 0 < total("--quick") < 1 and total("--prompt", "a red star") < default
+
+
 @pytest.mark.parametrize("bad, says", [
     (["--prompt", "a purple star"], "vocabulary"),
     (["--prompt", "a small red star at the top left at the top"], "at most"),
@@ -263,7 +281,7 @@ def test_quick_runs_never_write_over_the_defaults():
     assert quick.out == "runs/quick" and quick.run_dir.replace("\\", "/") == "runs/quick/06"
     assert vars(m.parse_args(["--quick", "--out", "figures", "--run-dir", "runs/06"])) == vars(quick)
     assert m.parse_args(["--quick", "--out", "o", "--run-dir", "r"]).run_dir == "r"
-    assert quick.steps == 12 and full.steps == 3200 and quick.text_steps < full.text_steps
+    assert quick.steps == 12 and full.steps == 3450 and quick.text_steps < full.text_steps
 
 
 def test_parse_args_ignores_the_jupyter_kernel_arguments(in_jupyter):
