@@ -369,9 +369,9 @@ def parse_args(argv=None):
     for name, least in (("T", 2), ("steps", 1), ("n_memo", 2)):
         if getattr(args, name) < least:
             fail(f"--{name.replace('_', '-')} must be at least {least} (got {getattr(args, name)}); the default works")
-    args.n_train, args.n_samples = (2000, 500) if args.quick else (N_TRAIN, N_SAMPLES)
+    args.n_train, args.n_samples = (2000, 100) if args.quick else (N_TRAIN, N_SAMPLES)
     if args.quick:  # and never over the default figures: runs/quick/ unless --out says otherwise
-        args.steps, args.n_memo = min(args.steps, 300), min(args.n_memo, 100)
+        args.steps, args.n_memo = min(args.steps, 100), min(args.n_memo, 100)
     args.out = args.out or (os.path.join("runs", "quick") if args.quick else "figures")
     return args
 

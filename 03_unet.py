@@ -403,7 +403,7 @@ def parse_args(argv=None):
     if args.image_size < 8 or args.image_size % 4:
         fail(f"--image-size {args.image_size}: UNet() halves it twice, so pass one of the multiples of 4 from 8 up")
     if args.quick:
-        args.steps = min(args.steps, 30)
+        args.steps = min(args.steps, 10)
     args.out = args.out or (os.path.join("runs", "quick") if args.quick else "figures")  # never over figures/
     return args
 

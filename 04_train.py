@@ -56,8 +56,8 @@ EMA_GAMMA = 6.94  # power-function EMA: the average's width is 10% of the run (K
 SAMPLE_EVERY, SAVE_EVERY, SAMPLE_STEPS = 500, 500, 20  # steps between grids, between checkpoints; DDIM steps
 EVAL_SAMPLES, CLF_STEPS, N_SHAPES = 500, 400, 10_000  # metric samples (0: skip), classifier steps; shapes
 SLOW_CPU_FLOPS = 64e9  # FLOP/s this UNet trains at in fp32 on 2 cores with AVX2 and no bf16 units (measured)
-QUICK = dict(steps=30, batch_size=16, base_ch=16, warmup=5, sample_every=15, save_every=20,  # --quick: at most
-             sample_steps=5, eval_samples=64, clf_steps=50, n_shapes=2000)
+QUICK = dict(steps=12, batch_size=16, base_ch=16, warmup=5, sample_every=6, save_every=8,  # --quick: at most
+             sample_steps=5, eval_samples=32, clf_steps=8, n_shapes=2000)
 
 # %% Data: every dataset becomes one uint8 tensor [N, C, S, S] in memory, plus labels
 def load_dataset(name, data_dir, size, seed, n_shapes=10_000):

@@ -307,7 +307,7 @@ def run_sampler(name, model, x_T, alpha_bar, nfe, args, device):
 def quality(out, args, model, alpha_bar, cfg, data, device):
     train, labels, held, labels_held, n_classes = data
     n, t0 = min(args.samples, len(held), len(train)), time.time()
-    clf = train_classifier(train, labels, n_classes, device, 20 if args.quick else 400, cfg["seed"])
+    clf = train_classifier(train, labels, n_classes, device, 8 if args.quick else 400, cfg["seed"])
     f_real, c_real = features_and_classes(clf, to_unit(held[:n]), device)
     floor = frechet_distance(features_and_classes(clf, to_unit(train[:n]), device)[0], f_real)
     print(f"\nquality: Frechet distance to {n} held-out real images on a {n_classes}-class classifier's features "
@@ -426,7 +426,7 @@ def parse_args(argv=None):
     if not set(args.samplers) <= set(SAMPLERS):
         fail(f"unknown sampler in --samplers {','.join(args.samplers)}; choose from {', '.join(SAMPLERS)}")
     if args.quick:  # never over the defaults: a quick run reads and writes under runs/quick/
-        args.nfe, args.samples, args.ddpm_full = [2, 4], 16, False
+        args.nfe, args.samples, args.ddpm_full = [2, 4], 8, False
         args.ckpt = "runs/quick/04/ckpt.pt" if args.ckpt == "runs/04/ckpt.pt" else args.ckpt
         args.out = "runs/quick" if args.out == "figures" else args.out
     if min(args.nfe) < 2 or args.samples < 2 or not 0 <= args.eta <= 1:

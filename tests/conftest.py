@@ -1,9 +1,15 @@
-"""Helpers shared by the tests: load a numbered script as a module, run one as a subprocess.
+"""Helpers shared by the tests: load a numbered script as a module, run one as a subprocess or call its main
+in this process, and one 04 --quick run that several tests read.
 
 Scripts start with a digit (01_forward.py), so `import 01_forward` is a syntax error: they are loaded
 by path with importlib. Loading runs only the module's top level (definitions), never `main`.
+A subprocess costs a new interpreter's start-up (seconds: importing torch), so tests run a script as one only
+where the process itself is under test (its exit status and stderr as a shell sees them, a signal, torchrun,
+a resume after the process is gone); elsewhere they call main in this process (`call_main`).
 """
+import contextlib
 import importlib.util
+import io
 import os
 import subprocess
 import sys
@@ -38,6 +44,21 @@ def run_script(name, *args, timeout=600, cwd=None, env=None):
     return proc.returncode, proc.stdout, proc.stderr
 
 
+def call_main(module, *args):
+    """module.main(args) in this process; return (exit status, stdout, stderr) as run_script does. An exception
+    other than SystemExit propagates: the test fails with its traceback, where a subprocess would print one."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            module.main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:  # as the interpreter turns sys.exit(x) into an exit status: None 0, a message 1
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+    return code, out.getvalue(), err.getvalue()
+
+
 def assert_clean_exit_2(code, out, err, needle):
     """A bad command line: exit status 2 and one line on stderr that names the problem, no traceback."""
     assert code == 2, (out, err)
@@ -55,3 +76,11 @@ def in_jupyter(monkeypatch):
 def lesson():
     """lesson("01_forward") -> the loaded module."""
     return load_script
+
+
+@pytest.fixture(scope="session")
+def quick_04(tmp_path_factory):
+    """One `04_train.py --quick` subprocess for the session: test_04 checks what it wrote, test_05 samples from its
+    checkpoint. -> (exit status, stdout, stderr, folder): folder/run/ckpt.pt, the figures in folder/fig."""
+    where = tmp_path_factory.mktemp("quick_04")
+    return (*run_script("04_train", "--quick", "--out", where / "fig", "--run-dir", where / "run"), where)

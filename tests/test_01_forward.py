@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import load_script, run_script
+from conftest import call_main, load_script, run_script
 
 m = load_script("01_forward")
 
@@ -184,9 +184,17 @@ def test_script_quick_writes_every_figure(tmp_path):
 @pytest.mark.parametrize("args,needle", [(["--T", "0"], "--T"), (["--n-check", "5"], "--n-check"),
                                          (["--device", "tpu"], "--device")])
 def test_script_bad_values_exit_2_with_one_line(tmp_path, args, needle):
-    code, out, err = run_script("01_forward", *args, "--out", tmp_path)
+    code, out, err = call_main(m, *args, "--out", tmp_path)  # main in this process: the same exit path
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and needle in err
+    assert "Traceback" not in err
+
+
+def test_script_bad_value_from_the_shell_exits_2_with_one_line(tmp_path):
+    # once as a real command: what a shell sees, start-up and shutdown included
+    code, out, err = run_script("01_forward", "--T", "0", "--out", tmp_path)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "--T" in err
     assert "Traceback" not in err
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import load_script, run_script
+from conftest import call_main, load_script, run_script
 
 FIGURES = ["02_samples.png", "02_trajectory.png", "02_loss.png", "02_loss_by_t.png", "02_memorisation.png",
            "02_sampling.gif"]
@@ -163,7 +163,7 @@ def test_quick_never_writes_over_the_default_figures(m):
     assert m.parse_args([]).out == "figures"
     quick = m.parse_args(["--quick"])
     assert os.path.normpath(quick.out) == os.path.join("runs", "quick")
-    assert (quick.steps, quick.n_memo, quick.n_train, quick.n_samples) == (300, 100, 2000, 500)
+    assert (quick.steps, quick.n_memo, quick.n_train, quick.n_samples) == (100, 100, 2000, 100)
     assert m.parse_args(["--quick", "--out", "elsewhere"]).out == "elsewhere"
 
 
@@ -173,7 +173,7 @@ def test_quick_run_learns_and_writes_everything(tmp_path):
     assert rc == 0, err
     lines = [ln for ln in out.splitlines() if ln.startswith("loss ")]
     assert len(lines) == 4
-    for ln in lines:  # "loss moons: first 75 steps 0.3060, last 75 steps 0.2516"
+    for ln in lines:  # "loss moons: first 25 steps 0.5049, last 25 steps 0.2956"
         first, last = float(ln.split(",")[0].split()[-1]), float(ln.split()[-1])
         assert last < first, ln
     for name in FIGURES:
@@ -183,11 +183,18 @@ def test_quick_run_learns_and_writes_everything(tmp_path):
             if name.endswith(".gif"):
                 assert img.n_frames > 10
     x = torch.load(samples, weights_only=True)
-    assert x.dtype == torch.float32 and x.shape == (500, 2) and torch.isfinite(x).all()
+    assert x.dtype == torch.float32 and x.shape == (100, 2) and torch.isfinite(x).all()
 
 
 @pytest.mark.parametrize("args", [["--steps", "0"], ["--T", "0"], ["--data", "circles"], ["--sigma", "big"]])
-def test_bad_value_exits_2_with_one_line(args, tmp_path):
-    rc, out, err = run_script("02_ddpm", *args, "--out", tmp_path)
+def test_bad_value_exits_2_with_one_line(m, args, tmp_path):
+    rc, out, err = call_main(m, *args, "--out", tmp_path)  # main in this process: the same exit path
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bad_value_from_the_shell_exits_2_with_one_line(tmp_path):
+    # once as a real command: what a shell sees, start-up and shutdown included
+    rc, out, err = run_script("02_ddpm", "--steps", "0", "--out", tmp_path)
     assert rc == 2
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import load_script, run_script
+from conftest import call_main, load_script, run_script
 
 m = load_script("03_unet")
 
@@ -193,8 +193,15 @@ def test_script_quick_writes_every_figure(tmp_path):
 @pytest.mark.parametrize("args, says", [(["--steps", "0"], "--steps"), (["--image-size", "30"], "multiples of 4"),
                                         (["--device", "tpu"], "invalid choice"), (["--lr", "0"], "--lr")])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, says):
-    code, out, err = run_script("03_unet", "--quick", "--out", tmp_path / "x", *args)
+    code, out, err = call_main(m, "--quick", "--out", tmp_path / "x", *args)  # in this process: the same exit path
     assert code == 2 and says in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_input_from_the_shell_exits_2_with_one_line(tmp_path):
+    # once as a real command: what a shell sees, start-up and shutdown included
+    code, out, err = run_script("03_unet", "--quick", "--out", tmp_path / "x", "--image-size", "30")
+    assert code == 2 and "multiples of 4" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "x").exists()
 
 

@@ -1,4 +1,6 @@
-"""Lesson 04: the training script end to end (quick settings), exact resume, DDP, data, bad input."""
+"""Lesson 04: the training script end to end (quick settings), exact resume, DDP, data, bad input.
+Subprocesses where the process is under test (the command line, resume after the process is gone, torchrun,
+Ctrl-C); main called in this process where only what the run does is (data, checkpoints, NaN, bad values)."""
 import os
 import struct
 import subprocess
@@ -9,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, load_script, run_script
+from conftest import ROOT, call_main, load_script, run_script
 
 m = load_script("04_train")
 # settings that are module constants, not flags: a launcher sets them, then calls main with the flags
@@ -29,25 +31,35 @@ def draw_batch(*args):
         raise KeyboardInterrupt
     return draw(*args)
 m.draw_batch = draw_batch"""
+# what the runs below test (data, checkpoints, resume, DDP, NaN, Ctrl-C) does not depend on the network's width or on
+# the figures: no quality metric, an 8-channel UNet (16 with --quick), 2 DDIM steps for the grids (5); the same code
+SMALL = dict(EVAL_SAMPLES=0, BASE_CH=8, SAMPLE_STEPS=2)
 
 
 def launcher(tmp, interrupt_at=None, **constants):
-    """A script that runs 04_train.py's main with some module constants changed (EVAL_SAMPLES=0 unless given),
-    and interrupted at step `interrupt_at` if given."""
+    """A script that runs 04_train.py's main with some module constants changed (SMALL's unless given), and
+    interrupted at step `interrupt_at` if given."""
     path = tmp / "launch_04.py"
     extra = INTERRUPT.format(at=interrupt_at) if interrupt_at is not None else ""
-    path.write_text(LAUNCHER.format(path=str(ROOT / "04_train.py"), constants={"EVAL_SAMPLES": 0, **constants},
-                                    extra=extra))
+    path.write_text(LAUNCHER.format(path=str(ROOT / "04_train.py"), constants={**SMALL, **constants}, extra=extra))
     return str(path)
 
 
 def train(tmp, *args, run="run", interrupt_at=None, **constants):
-    """A --quick run without the quality metric; returns (exit status, stdout, stderr)."""
+    """A small --quick run (SMALL) as a subprocess; returns (exit status, stdout, stderr)."""
     cmd = [sys.executable, launcher(tmp, interrupt_at, **constants), "--quick", "--out", tmp / "fig",
            "--run-dir", tmp / run, *args]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     return proc.returncode, proc.stdout, proc.stderr
+
+
+def train_here(tmp, monkeypatch, *args, run="run", **constants):
+    """The run `train` makes, in this process: module constants set for the test (SMALL's unless given), then main;
+    returns (exit status, stdout, stderr)."""
+    for name, value in {**SMALL, **constants}.items():
+        monkeypatch.setattr(m, name, value)
+    return call_main(m, "--quick", "--out", tmp / "fig", "--run-dir", tmp / run, *args)
 
 
 def load(path):
@@ -100,16 +112,16 @@ def test_ddim_with_exact_model_recovers_point_data():
 
 
 # -- the script: outputs, checkpoint format, resume ---------------------------------------------------
-def test_quick_run_writes_checkpoint_and_figures(tmp_path):
-    code, out, err = run_script("04_train", "--quick", "--out", tmp_path / "fig", "--run-dir", tmp_path / "run")
+def test_quick_run_writes_checkpoint_and_figures(quick_04):
+    code, out, err, where = quick_04  # `04_train.py --quick` as a subprocess, once per session (05's tests use it)
     assert code == 0, err
     assert "FD(samples, real)" in out and "images/s" in out
-    ckpt = load(tmp_path / "run" / "ckpt.pt")
+    ckpt = load(where / "run" / "ckpt.pt")
     assert {"format", "config", "model", "ema", "optimizer", "step", "rng"} <= set(ckpt)
-    assert ckpt["format"] == m.FORMAT and ckpt["step"] == 30
+    assert ckpt["format"] == m.FORMAT and ckpt["step"] == 12
     assert ckpt["config"]["quick"] is True  # 05 warns when it samples from a quick run
     for name in ("04_samples.png", "04_progress.png", "04_loss.png", "04_x0_pred.png"):
-        img = Image.open(tmp_path / "fig" / name)
+        img = Image.open(where / "fig" / name)
         lo, hi = img.convert("L").getextrema()
         assert hi > lo
     # the EMA model in the checkpoint builds and runs
@@ -151,7 +163,7 @@ def test_torchrun_two_processes_agree(tmp_path):
 def test_quick_never_writes_over_the_defaults():
     default, quick = m.parse_args([]), m.parse_args(["--quick"])
     assert (default.out, default.run_dir) == ("figures", "runs/04")
-    assert (quick.out, quick.run_dir) == ("runs/quick", "runs/quick/04") and quick.steps == 30
+    assert (quick.out, quick.run_dir) == ("runs/quick", "runs/quick/04") and quick.steps == 12
     assert m.parse_args(["--quick", "--resume"]).resume == os.path.join("runs/quick/04", "ckpt.pt")
     assert m.parse_args(["--quick", "--out", "x"]).run_dir == "runs/quick/04"  # --out moves figures only
 
@@ -187,13 +199,13 @@ def write_folder(root, classes=("a", "b"), n=3, size=40):
             Image.fromarray(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
 
 
-def test_folder_dataset(tmp_path):
+def test_folder_dataset(tmp_path, monkeypatch):
     write_folder(tmp_path / "imgs")
     images, labels, names = m.load_dataset("folder", str(tmp_path / "imgs"), 16, seed=0)
     assert images.shape == (6, 3, 16, 16) and images.dtype == torch.uint8
     assert labels.tolist() == [0, 0, 0, 1, 1, 1] and names == ["a", "b"]
-    code, out, err = train(tmp_path, "--dataset", "folder", "--data-dir", tmp_path / "imgs", "--image-size", "16",
-                           "--steps", "3")
+    code, out, err = train_here(tmp_path, monkeypatch, "--dataset", "folder", "--data-dir", tmp_path / "imgs",
+                                "--image-size", "16", "--steps", "3")
     assert code == 0, err
 
 
@@ -204,7 +216,7 @@ def write_idx(path, array):
         f.write(array.astype(np.uint8).tobytes())
 
 
-def test_mnist_from_idx_files_without_download(tmp_path):
+def test_mnist_from_idx_files_without_download(tmp_path, monkeypatch):
     raw = tmp_path / "MNIST" / "raw"
     os.makedirs(raw)
     rng = np.random.default_rng(0)
@@ -214,7 +226,7 @@ def test_mnist_from_idx_files_without_download(tmp_path):
     images, labels, names = m.load_dataset("mnist", str(tmp_path), 32, seed=0)
     assert images.shape == (20, 1, 32, 32)  # 28x28 padded to 32x32 with background
     assert images[:, :, :2].max() == 0 and labels.tolist() == [i % 10 for i in range(20)]
-    code, out, err = train(tmp_path, "--dataset", "mnist", "--data-dir", tmp_path, "--steps", "3")
+    code, out, err = train_here(tmp_path, monkeypatch, "--dataset", "mnist", "--data-dir", tmp_path, "--steps", "3")
     assert code == 0, err
 
 
@@ -228,40 +240,48 @@ def test_mnist_from_idx_files_without_download(tmp_path):
     (["--lr", "0"], "--lr"),
     (["--resume", "/nonexistent/ckpt.pt"], "no checkpoint"),
 ] + ([(["--device", "cuda"], "CUDA")] if not torch.cuda.is_available() else []))
-def test_bad_input_exits_2(tmp_path, args, needle):
-    code, out, err = train(tmp_path, *args)
+def test_bad_input_exits_2(tmp_path, monkeypatch, args, needle):
+    code, out, err = train_here(tmp_path, monkeypatch, *args)
     assert code == 2, (out, err)
     assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err
 
 
-def test_empty_folder_exits_2(tmp_path):
+def test_bad_input_from_the_shell_exits_2(tmp_path):
+    # once as a real command, the script itself: what a shell sees, start-up and shutdown included
+    code, out, err = run_script("04_train", "--quick", "--out", tmp_path / "fig", "--run-dir", tmp_path / "run",
+                                "--resume", tmp_path / "none.pt")
+    assert code == 2, (out, err)
+    assert len(err.strip().splitlines()) == 1 and "no checkpoint" in err and "Traceback" not in err
+
+
+def test_empty_folder_exits_2(tmp_path, monkeypatch):
     os.makedirs(tmp_path / "empty")
-    code, out, err = train(tmp_path, "--dataset", "folder", "--data-dir", tmp_path / "empty")
+    code, out, err = train_here(tmp_path, monkeypatch, "--dataset", "folder", "--data-dir", tmp_path / "empty")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no images" in err
 
 
-def test_corrupt_and_foreign_checkpoints_exit_2(tmp_path):
+def test_corrupt_and_foreign_checkpoints_exit_2(tmp_path, monkeypatch):
     os.makedirs(tmp_path / "run")
     (tmp_path / "run" / "ckpt.pt").write_bytes(b"not a checkpoint at all")
-    code, _, err = train(tmp_path, "--resume")
+    code, _, err = train_here(tmp_path, monkeypatch, "--resume")
     assert code == 2 and "not a readable checkpoint" in err
     torch.save({"format": "something-else", "model": {}}, tmp_path / "run" / "ckpt.pt")
-    code, _, err = train(tmp_path, "--resume")
+    code, _, err = train_here(tmp_path, monkeypatch, "--resume")
     assert code == 2 and "not written by 04_train.py" in err
 
 
-def test_incompatible_checkpoint_exits_2(tmp_path):
-    assert train(tmp_path, "--steps", "2")[0] == 0
-    code, _, err = train(tmp_path, "--steps", "4", "--resume", "--pred", "eps")
+def test_incompatible_checkpoint_exits_2(tmp_path, monkeypatch):
+    assert train_here(tmp_path, monkeypatch, "--steps", "2")[0] == 0
+    code, _, err = train_here(tmp_path, monkeypatch, "--steps", "4", "--resume", "--pred", "eps")
     assert code == 2 and "pred='v'" in err and len(err.strip().splitlines()) == 1
 
 
-def test_nan_stops_the_run_and_keeps_the_checkpoint(tmp_path):
-    assert train(tmp_path, "--steps", "4")[0] == 0
+def test_nan_stops_the_run_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    assert train_here(tmp_path, monkeypatch, "--steps", "4")[0] == 0
     path = tmp_path / "run" / "ckpt.pt"
     before = path.read_bytes()
-    # a learning rate of 1e38 blows the weights up within a step or two, long before the next save (20)
-    code, out, err = train(tmp_path, "--steps", "40", "--resume", "--lr", "1e38")
+    # a learning rate of 1e38 blows the weights up within a step or two, before the next save (8, --quick's)
+    code, out, err = train_here(tmp_path, monkeypatch, "--steps", "40", "--resume", "--lr", "1e38")
     assert code == 1
     assert "stopping" in err and "last good checkpoint" in err
     assert path.read_bytes() == before
@@ -270,8 +290,8 @@ def test_nan_stops_the_run_and_keeps_the_checkpoint(tmp_path):
 def test_ctrl_c_saves_a_checkpoint_and_exits(tmp_path):
     import signal
     import time
-    # not --quick: it caps the run at 30 steps, which a loaded machine can finish before the signal lands
-    cmd = [sys.executable, launcher(tmp_path, BASE_CH=16, SAVE_EVERY=100000, SAMPLE_EVERY=100000),
+    # not --quick: it caps the run at 12 steps, which a loaded machine can finish before the signal lands
+    cmd = [sys.executable, launcher(tmp_path, SAVE_EVERY=100000, SAMPLE_EVERY=100000, N_SHAPES=2000),
            "--batch-size", "8", "--steps", "100000", "--out", str(tmp_path / "fig"), "--run-dir", str(tmp_path / "run")]
     # a shell that starts jobs in the background (nohup, CI runners) hands them SIGINT ignored, and Python then
     # keeps ignoring it; a terminal's Ctrl-C is what we test, so give the child the default disposition back

@@ -210,12 +210,13 @@ FIGURES = ["05_quality.png", "05_grid.png", "05_exactness.png", "05_determinism.
            "05_interpolation.png"]
 
 
-def test_script_quick_on_a_04_checkpoint_writes_every_figure(tmp_path):
-    rc, out, errs = run_script("04_train", "--quick", "--run-dir", tmp_path, "--out", tmp_path)
+def test_script_quick_on_a_04_checkpoint_writes_every_figure(tmp_path, quick_04):
+    rc, _, errs, where = quick_04  # `04_train.py --quick`, run once per session (test_04 checks what it wrote)
     assert rc == 0, errs
-    rc, out, errs = run_script("05_sample", "--quick", "--ckpt", tmp_path / "ckpt.pt", "--out", tmp_path / "f")
+    ckpt = where / "run" / "ckpt.pt"
+    rc, out, errs = run_script("05_sample", "--quick", "--ckpt", ckpt, "--out", tmp_path / "f")
     assert rc == 0, errs
-    assert f"loaded {tmp_path / 'ckpt.pt'}: step " in out  # which checkpoint, its step count...
+    assert f"loaded {ckpt}: step " in out  # which checkpoint, its step count...
     assert errs.strip().startswith("warning:") and "--quick run" in errs and len(errs.strip().splitlines()) == 1
     for name in FIGURES:
         assert (tmp_path / "f" / name).stat().st_size > 1000, name

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_clean_exit_2, load_script, run_script
+from conftest import assert_clean_exit_2, call_main, load_script, run_script
 
 m = load_script("06_condition")
 
@@ -227,7 +227,8 @@ def test_quick_run_writes_every_figure_then_draws_a_prompt(tmp_path):
     for name in ("class.pt", "text.pt", "noisy_classifier.pt", "classifier.pt"):
         ckpt = torch.load(tmp_path / "run" / name, map_location="cpu", weights_only=True)
         assert ckpt["format"] == m.FORMAT
-    code, out, err = run_script("06_condition", *args, "--prompt", "a large green star")
+    # the prompt in this process: what links it to the run above is only what that run wrote to disk
+    code, out, err = call_main(m, *args, "--prompt", "a large green star")
     assert code == 0, err
     assert "reusing" in out and "(12 steps" in out  # the text model trained above (its step count), not a new one
     assert Image.open(tmp_path / "fig" / "06_prompt.png").size[0] > 100
@@ -272,7 +273,14 @@ def test_run_cost_is_printed_scales_with_steps_and_the_default_fits_its_budget(c
     (["--text-loss-weight", "snr"], "--text-loss-weight"),
 ])
 def test_bad_input_exits_2(tmp_path, bad, says):
-    assert_clean_exit_2(*run_script("06_condition", "--quick", "--out", tmp_path, "--run-dir", tmp_path, *bad), says)
+    # main in this process: the same exit path, without a new interpreter's start-up
+    assert_clean_exit_2(*call_main(m, "--quick", "--out", tmp_path, "--run-dir", tmp_path, *bad), says)
+
+
+def test_bad_input_from_the_shell_exits_2(tmp_path):
+    # once as a real command: what a shell sees, start-up and shutdown included
+    assert_clean_exit_2(*run_script("06_condition", "--quick", "--out", tmp_path, "--run-dir", tmp_path,
+                                    "--prompt", "a purple star"), "vocabulary")
 
 
 def test_quick_runs_never_write_over_the_defaults():

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import assert_clean_exit_2, load_script, run_script
+from conftest import assert_clean_exit_2, call_main, load_script, run_script
 
 m = load_script("07_latent")
 
@@ -232,8 +232,14 @@ def test_quick_run_writes_every_figure(tmp_path):
     (["--guidance", "x"], "--guidance"),
 ] + ([(["--device", "cuda"], "CUDA")] if not torch.cuda.is_available() else []))
 def test_bad_input_exits_2(tmp_path, args, needle):
-    assert_clean_exit_2(*run_script("07_latent", "--out", tmp_path / "fig", "--run-dir", tmp_path / "run", *args),
-                        needle)
+    # main in this process: the same exit path, without a new interpreter's start-up
+    assert_clean_exit_2(*call_main(m, "--out", tmp_path / "fig", "--run-dir", tmp_path / "run", *args), needle)
+
+
+def test_bad_input_from_the_shell_exits_2(tmp_path):
+    # once as a real command: what a shell sees, start-up and shutdown included
+    assert_clean_exit_2(*run_script("07_latent", "--out", tmp_path / "fig", "--run-dir", tmp_path / "run",
+                                    "--factor", "3"), "--factor")
 
 
 def test_parse_args_in_jupyter_ignores_the_kernels_flags(in_jupyter):
