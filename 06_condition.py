@@ -57,8 +57,8 @@ SETTINGS = dict(n_shapes=10_000, base_ch=16, batch_size=16, warmup=100,  # --qui
                 clf_steps=600, noisy_clf_steps=300,  # the judge; a clean classifier, then as many steps on x_t
                 eval_per_class=50, text_per_prompt=8,  # samples per class and scale; per 'a COLOUR SHAPE'
                 sample_steps=10, n_prompt=16, grid_cols=6)  # DDIM steps; images for --prompt; per text-grid row
-QUICK = dict(n_shapes=1000, batch_size=8, warmup=4, text_steps=12, text_width=16, text_layers=1, clf_steps=10,
-             noisy_clf_steps=10, eval_per_class=2, text_per_prompt=1, sample_steps=3, n_prompt=4, grid_cols=2)
+QUICK = dict(n_shapes=1000, batch_size=8, warmup=4, text_steps=12, text_width=16, text_layers=1, clf_steps=4,
+             noisy_clf_steps=4, eval_per_class=2, text_per_prompt=1, sample_steps=3, n_prompt=4, grid_cols=2)
 
 # %% Class labels, and label dropout to train the null label
 # UNet(num_classes=K) adds label_emb(y), an nn.Embedding(K + 1, emb_dim), to the time embedding; row K is "no
