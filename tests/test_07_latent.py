@@ -95,11 +95,11 @@ def test_inpainting_keeps_the_known_region():
     mask[..., :, :4] = 1  # the left half is known
     y = torch.tensor([1, 3])
     fn = lambda x, t: m.guided_eps(net, x, t, y, 2.0)  # noqa: E731
-    out = m.ddim_sample(fn, torch.randn(2, 4, 8, 8, generator=g), alpha_bar, 6, "v", clip=False,
+    out = m.ddim_sample(fn, torch.randn(2, 4, 8, 8, generator=g), alpha_bar, 6, clip=False,
                         known=known, mask=mask, generator=g)
     assert torch.equal(out[..., :4], known[..., :4])
     assert not torch.allclose(out[..., 4:], known[..., 4:], atol=0.1)  # the rest was generated
-    free = m.ddim_sample(fn, torch.randn(2, 4, 8, 8, generator=g), alpha_bar, 6, "v", clip=False)
+    free = m.ddim_sample(fn, torch.randn(2, 4, 8, 8, generator=g), alpha_bar, 6, clip=False)
     assert not torch.allclose(free[..., :4], known[..., :4], atol=0.1)  # without the mask it is not kept
 
 
@@ -115,7 +115,7 @@ def test_sdedit_start_time():
         eps = (x - ab.sqrt() * c) / (1 - ab).sqrt()
         return ab.sqrt() * eps - (1 - ab).sqrt() * c
 
-    x = m.ddim_sample(model, torch.randn(4, 2, 1, 1), ab_all, 5, "v", clip=False, t_start=400)
+    x = m.ddim_sample(model, torch.randn(4, 2, 1, 1), ab_all, 5, clip=False, t_start=400)
     assert seen == [400, 300, 200, 100, 0]
     assert torch.allclose(x, c.expand(4, -1, -1, -1), atol=1e-4)
 
@@ -187,7 +187,7 @@ def test_only_adapter_parameters_get_gradients():
 
 
 def test_default_lora_is_under_5_percent_of_the_model():
-    net = m.UNet(in_ch=4, base_ch=32, ch_mult=(1, 2, 2), num_classes=5)
+    net = m.UNet(4, *m.UNETS["latent"], num_classes=5)
     n_all = sum(p.numel() for p in net.parameters())
     adapted = m.add_lora(net, m.LORA_RANK, m.LORA_ALPHA)
     n_train = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
@@ -214,7 +214,8 @@ def test_quick_run_writes_every_figure(tmp_path):
     for name in FIGURES:
         lo, hi = Image.open(tmp_path / "fig" / name).convert("L").getextrema()
         assert hi > lo, name
-    for line in ("| pixel |", "| latent |", "known latent kept to 0.0e+00", "trainable parameters"):
+    for line in ("this run computes", "| pixel |", "| latent |", "known latent kept to 0.0e+00",
+                 "trainable parameters"):
         assert line in out, line
     lora = tmp_path / "run" / "lora.pt"
     assert lora.stat().st_size < (tmp_path / "run" / "latent.pt").stat().st_size / 2
@@ -230,6 +231,7 @@ def test_quick_run_writes_every_figure(tmp_path):
     (["--fixed-steps", "a,b"], "--fixed-steps"),
     (["--fixed-steps", "0,5"], "--fixed-steps"),
     (["--guidance", "x"], "--guidance"),
+    (["--seconds", "60", "--fixed-steps", "5,5"], "--seconds"),  # one budget or the other
 ] + ([(["--device", "cuda"], "CUDA")] if not torch.cuda.is_available() else []))
 def test_bad_input_exits_2(tmp_path, args, needle):
     # main in this process: the same exit path, without a new interpreter's start-up
@@ -255,3 +257,40 @@ def test_quick_never_writes_over_the_defaults():
     assert quick.n_images < full.n_images and quick.vae_steps < full.vae_steps
     assert m.parse_args(["--quick", "--fixed-steps", "300,1500"]).fixed_steps == (6, 12)
     assert m.parse_args(["--fixed-steps", "300,1500"]).fixed_steps == (300, 1500)
+    assert m.parse_args(["--quick", "--seconds", "240"]).seconds == 2 and m.parse_args(["--seconds", "9"]).seconds == 9
+
+
+# -- the budget: the same FLOPs for both UNets, the whole run within lesson 07's 77 TFLOP ---------------------------
+@pytest.mark.parametrize("factor", [2, 4, 8])
+def test_default_run_gives_both_unets_the_same_flops_within_the_budget(factor, capsys):
+    args = m.parse_args(["--factor", str(factor)])
+    state = torch.get_rng_state()
+    cost = m.run_cost(args)
+    assert torch.equal(torch.get_rng_state(), state)  # counting on the meta device draws nothing
+    assert args.latent_batch == m.FULL["latent_batch"] * factor ** 2 // 16  # as many latent positions a batch
+    pixel, latent = (3 * cost[k] * b * n for k, b, n in zip(("pixel", "latent"), (args.batch, args.latent_batch),
+                                                           cost["steps"]))
+    assert pixel == pytest.approx(args.unet_tflop * 1e12, rel=1e-3) and latent == pytest.approx(pixel, rel=1e-3)
+    assert cost["pixel"] > cost["latent"] > 0
+    out = capsys.readouterr().out
+    assert "this run computes" in out and "on a 2-core CPU without bf16 units" in out
+    if factor == 4:  # the default run
+        assert cost["total"] <= 77e12, out
+
+
+def test_learning_rate_warms_up_and_decays_to_zero_over_the_steps():
+    lrs = [m.learning_rate(s, 100, 2e-3, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(2e-4, rel=0.01) and max(lrs) == pytest.approx(2e-3, rel=0.03)
+    assert lrs[-1] < 1e-5 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_train_diffusion_keeps_ema_snapshots_at_the_marks():
+    torch.manual_seed(0)
+    net, alpha_bar = m.UNet(4, 16, (1, 2), num_classes=5), m.alpha_bar_of(m.cosine_betas(1000)).float()
+    args = m.parse_args(["--quick"])
+    data, labels = torch.randn(32, 4, 8, 8), torch.arange(32) % 5
+    snaps, rate = m.train_diffusion(net, data, labels, alpha_bar, args, m.nullcontext, torch.Generator().manual_seed(0),
+                                    ("steps", 6, 4), [3, 6], "test")
+    assert [s for _, s, _ in snaps] == [3, 6] and rate > 0
+    final = snaps[-1][2]
+    assert not all(torch.equal(final[k], v) for k, v in net.state_dict().items())  # the EMA, not the weights
