@@ -12,10 +12,9 @@
    an average over a fixed share of the run. bf16 autocast (--precision auto) where the device has bf16 units.
 4. Sampling during training from fixed noise, with deterministic DDIM (Song et al. 2021; lesson 05):
        x_0_hat = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t),   x_s = sqrt(ab_s) x_0_hat + sqrt(1 - ab_s) eps
-5. Quality without Inception weights: the Frechet distance (Heusel et al. 2017) between Gaussians fitted
-   to a small CNN's features (trained on the same data for seconds) on samples and on held-out images,
-   FD = |mu_g - mu_r|^2 + tr(S_g + S_r - 2 (S_r^1/2 S_g S_r^1/2)^1/2), beside two held-out halves against
-   each other (the floor), noise (the ceiling), and the samples' class histogram.
+5. Quality without Inception weights: the Frechet distance (Heusel et al. 2017) between Gaussians fitted to a small
+   CNN's features on samples and on held-out images, FD = |mu_g - mu_r|^2 + tr(S_g + S_r - 2 (S_r^1/2 S_g S_r^1/2)^1/2),
+   beside the floor (two held-out halves), the ceiling (noise) and the samples' class histogram.
 
     python 04_train.py                       # shapes; it prints its FLOPs and minutes on a CPU without bf16
     python 04_train.py --quick               # seconds: a smoke test, written under runs/quick/
@@ -32,6 +31,7 @@ import copy
 import math
 import os
 import resource
+import signal
 import sys
 import time
 from collections import OrderedDict
@@ -78,8 +78,8 @@ def load_dataset(name, data_dir, size, seed, n_shapes=10_000):
     if name == "folder":  # resized and centre-cropped; one channel if every image is greyscale
         TF = torchvision.transforms.functional
         mode = "L" if all(Image.open(p).mode in ("1", "L") for p, _ in ds.samples) else "RGB"
-        pics = [TF.center_crop(TF.resize(Image.open(p).convert(mode), size, antialias=True), size)
-                for p, _ in ds.samples]
+        pics = [TF.center_crop(TF.resize(Image.open(p).convert(mode), size, antialias=True), size) for p, _ in
+                ds.samples]
         return torch.stack([TF.pil_to_tensor(p) for p in pics]), torch.tensor(ds.targets), ds.classes  # [N, C, S, S]
     data = torch.as_tensor(np.asarray(ds.data))  # MNIST: [N, 28, 28]; CIFAR-10: [N, 32, 32, 3]
     data = data[:, None] if data.dim() == 3 else data.permute(0, 3, 1, 2)
@@ -113,7 +113,6 @@ def draw_batch(images, shard, batch_size, gen, hflip=False):
     x0 = torch.where((torch.rand(batch_size, generator=gen) < 0.5).view(-1, 1, 1, 1), x0.flip(3), x0) if hflip else x0
     assert x0.min() >= -1 and x0.max() <= 1, "training data must lie in [-1, 1]"  # the contract that trips most
     return x0, torch.randint(T, (batch_size,), generator=gen), torch.randn(x0.shape, generator=gen)
-
 def diffusion_loss(net, x0, t, eps, alpha_bar, pred, weighting, autocast):
     """-> (the weighted loss, per-sample losses [B]). `net` may be the model compiled or wrapped in DDP."""
     ab, x_t = alpha_bar[t].float().view(-1, 1, 1, 1), q_sample(x0, t, alpha_bar, eps)
@@ -121,7 +120,6 @@ def diffusion_loss(net, x0, t, eps, alpha_bar, pred, weighting, autocast):
         out = net(x_t, t)
     per_sample = (out.float() - target_of(pred, x0, eps, ab)).square().mean((1, 2, 3))  # [B]
     return (loss_weight(weighting, pred, ab.view(-1)) * per_sample).mean(), per_sample.detach()
-
 def learning_rate(step, steps, lr, warmup):
     """Warmup (Adam's moment estimates start poor), then a cosine to 0: lr min(1, (s+1)/warmup) (1+cos(pi s/steps))/2"""
     return lr * min(1.0, (step + 1) / max(1, warmup)) * (1 + math.cos(math.pi * step / steps)) / 2
@@ -143,8 +141,7 @@ def train_step(model, ema, opt, loss, step, lr):
 
 # %% Checkpoints: one dict, written atomically, loaded without running code; a NaN stops the run
 def start_state(args, device):
-    """What a checkpoint saves: the UNet, its EMA, AdamW, the step, the log, the training generator; new, or read
-    back from --resume (a missing, corrupt, foreign or incompatible file exits 2)."""
+    """A checkpoint's content (UNet, EMA, AdamW, step, log, the batches' generator): new, or from --resume (exits 2)."""
     torch.manual_seed(args.seed)  # same initial weights on every rank; channels_last: ~1.2x faster on a CPU
     model, path = UNet(args.channels, args.base_ch, args.ch_mult), args.resume
     model = model.to(device, memory_format=torch.channels_last)
@@ -176,7 +173,6 @@ def start_state(args, device):
         done = f"; it is already at --steps {args.steps}: pass a larger one (the lr then follows the longer cosine)"
         print(f"resumed {path} at step {state['step']}" + (done if state["step"] >= args.steps else ""))
     return state
-
 def save_state(path, state, args):
     """The NaN guard, then {format, config, model, ema, optimizer, step, log, rng} written to a temporary file and
     renamed: a crash never leaves half a file. Each rank draws its own batches: every rank's generator is kept."""
@@ -190,8 +186,7 @@ def save_state(path, state, args):
                     **{k: state[k].state_dict() for k in ("model", "ema", "optimizer")},
                     "rng": {"torch": torch.get_rng_state(), "train": gens}}, path + ".tmp")
         os.replace(path + ".tmp", path)
-def stop(what, path, args):
-    """A diverged run stops without saving, so the last good checkpoint survives."""
+def stop(what, path, args):  # a diverged run stops without saving, so the last good checkpoint survives
     if args.rank == 0:
         print(f"\n{what}: stopping without saving; the last good checkpoint is {path}. "
               f"Lower --lr (now {args.lr:g}) and --resume", file=sys.stderr)
@@ -219,8 +214,7 @@ def setup_device(name, precision):
 # %% Sampling with deterministic DDIM from fixed noise (lesson 05 has them all), and measuring its quality
 @torch.no_grad()
 def ddim_sample(model, x_T, alpha_bar, steps, pred, autocast=nullcontext):
-    """x_T [B, C, S, S] -> x_0 at t_i = round(i (T-1) / (steps-1)), T-1 down to 0, then a last step to alpha_bar = 1.
-    Deterministic: grids from the same fixed noise show the model changing. x0_hat is clipped to [-1, 1] each step."""
+    """x_T -> x_0 through t_i = round(i (T-1) / (steps-1)), then to alpha_bar = 1; x0_hat clipped to [-1, 1]."""
     ts, x = torch.linspace(len(alpha_bar) - 1, 0, steps).round().long().tolist(), x_T
     for i, t in enumerate(ts):
         ab = alpha_bar[t].to(x.device, torch.float32).view(1, 1, 1, 1)
@@ -265,9 +259,8 @@ def frechet_distance(f1, f2):
 
 # %% The experiment: what the run costs, the training loop, then its figures and the quality table
 def run_cost(args, model, n_classes, first_step):
-    """Print the FLOPs this run will compute, and so its minutes on a slow CPU: counted, not timed, so the estimate
-    holds on any machine. Training: backward ~ 2 forwards; grids: progress rows of 8, the final 64, 04_x0_pred's
-    6 t x 4 images; the metric: its samples, then the classifier, trained (~3 forwards) and run on 4 sets."""
+    """Print the run's FLOPs (counted, so true on any machine) and its minutes on a slow CPU. A training image costs 3
+    forwards; grids: rows of 8, the final 64, 04_x0_pred's 24; metric: samples, classifier trained and run on 4 sets."""
     x = torch.zeros(1, args.channels, args.image_size, args.image_size, device=next(model.parameters()).device)
     fwd, steps = flops(model, x, torch.zeros(1, dtype=torch.long, device=x.device)), max(0, args.steps - first_step)
     parts = {"training": 3 * fwd * args.batch_size * args.world * steps,
@@ -284,8 +277,14 @@ def train(args, state, net, images, shard, alpha_bar, x_fixed, autocast):
     """Train up to args.steps: progress, grids from fixed noise, checkpoints (Ctrl-C saves one). -> [(step, grid)]"""
     path, log, progress, first = os.path.join(args.run_dir, "ckpt.pt"), state["log"], [], state["step"]
     t0, smooth, batch = time.time(), None, args.batch_size * args.world  # images per step, all ranks together
+    interrupted, before = [], signal.getsignal(signal.SIGINT)  # Ctrl-C: the step it lands in ends, is saved, and
+    def ctrl_c(*_):  # the run stops (a checkpoint taken mid-step would not resume exactly); a second one: at once
+        interrupted.append(True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if before is signal.default_int_handler:  # not where SIGINT is ignored (nohup) or handled (a notebook)
+        signal.signal(signal.SIGINT, ctrl_c)
     try:
-        while state["step"] < args.steps:
+        while state["step"] < args.steps and not interrupted:
             x0, t, eps = (d.to(x_fixed.device, non_blocking=True)
                           for d in draw_batch(images, shard, args.batch_size, state["gen"], args.hflip))
             x0, eps = (d.contiguous(memory_format=torch.channels_last) for d in (x0, eps))  # as the UNet's weights
@@ -308,19 +307,21 @@ def train(args, state, net, images, shard, alpha_bar, x_fixed, autocast):
             if args.rank == 0 and (step % args.sample_every == 0 or last):
                 progress.append((step, ddim_sample(state["ema"], x_fixed[:8], alpha_bar, args.sample_steps,
                                                    args.pred, autocast).cpu()))
-            if step % args.save_every == 0 or last:
+            if step % args.save_every == 0 or last or interrupted:
                 save_state(path, state, args)
-    except KeyboardInterrupt:
-        save_state(path, state, args)
+    except KeyboardInterrupt:  # a second Ctrl-C, mid-step: the last checkpoint stays
+        sys.exit(130)
+    signal.signal(signal.SIGINT, before)
+    if interrupted:
         if args.rank == 0:
             print(f"\ninterrupted at step {state['step']}: saved {path}; continue with --resume")
         sys.exit(130)
     if args.rank == 0 and state["step"] > first:  # speed (training costs ~3 forwards) and peak memory
         rate, cuda = (state["step"] - first) * batch / (time.time() - t0), x_fixed.is_cuda
         peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print(f"\ntrained {state['step'] - first} steps in {(time.time() - t0) / 60:.1f} min: {rate:.0f} images/s "
-              f"({3 * flops(state['model'], x0[:1], t[:1]) * rate / 1e9:.0f} GFLOP/s, counting training as 3x the "
-              f"forward), peak memory {peak / 2**20:.0f} MiB ({'GPU allocated' if cuda else 'process RSS'})")
+        print(f"\ntrained {state['step'] - first} steps in {(time.time() - t0) / 60:.1f} min: {rate:.0f} images/s ("
+              f"{3 * flops(state['model'], x0[:1], t[:1]) * rate / 1e9:.0f} GFLOP/s), peak memory {peak / 2**20:.0f} "
+              f"MiB ({'GPU allocated' if cuda else 'process RSS'})")
     return progress
 
 @torch.no_grad()
@@ -391,11 +392,10 @@ def main(argv=None):
         os.makedirs(args.run_dir, exist_ok=True)
         os.makedirs(args.out, exist_ok=True)
         run_cost(args, state["model"], len(classes), state["step"])
+        n_params, precision = sum(p.numel() for p in state["model"].parameters()), "bf16 autocast" if bf16 else "fp32"
         print(f"{args.dataset}: {len(train_idx)} training images {tuple(images.shape[1:])}, {len(classes)} classes | "
-              f"UNet {sum(p.numel() for p in state['model'].parameters()) / 1e6:.2f}M params | {device}, "
-              f"{'bf16 autocast' if bf16 else 'fp32'}, {args.world} process(es), effective batch "
-              f"{args.batch_size * args.world} | pred {args.pred}, {args.schedule} schedule, loss weight "
-              f"{args.loss_weight}")
+              f"UNet {n_params / 1e6:.2f}M params | {device}, {precision}, {args.world} process(es), effective batch "
+              f"{args.batch_size * args.world} | pred {args.pred}, {args.schedule} schedule, loss {args.loss_weight}")
     progress = train(args, state, net, images, train_idx[args.rank::args.world], alpha_bar, x_fixed, autocast)
     if args.world > 1:  # DDP keeps the replicas identical: check it, bit for bit
         flat = torch.cat([p.detach().flatten() for p in state["model"].parameters()])
@@ -408,8 +408,7 @@ def main(argv=None):
     save_figures(args, state, progress, to_unit(images[perm[:4]]).to(device), x_fixed, alpha_bar, autocast)
     if args.eval_samples and len(classes) > 1 and n_hold >= 4:  # the floor needs two halves
         quality(args, state["ema"], images, labels, classes, held, train_idx, alpha_bar, autocast)
-    print(f"wrote {args.run_dir}/ckpt.pt and 04_samples.png, 04_progress.png, 04_loss.png, 04_x0_pred.png "
-          f"to {args.out}/")
+    print(f"wrote {args.run_dir}/ckpt.pt and 04_samples, 04_progress, 04_loss, 04_x0_pred (.png) to {args.out}/")
 
 def parse_args(argv=None):
     argv = [] if argv is None and "ipykernel" in sys.modules else argv  # Jupyter's sys.argv holds the kernel's flags

@@ -2,6 +2,7 @@
 Subprocesses where the process is under test (the command line, resume after the process is gone, torchrun,
 Ctrl-C); main called in this process where only what the run does is (data, checkpoints, NaN, bad values)."""
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -23,13 +24,16 @@ vars(m).update({constants!r})
 {extra}
 m.main(sys.argv[1:])
 """
-# Ctrl-C while the batch of step `at` is drawn: the run saves its checkpoint there and exits 130
-INTERRUPT = """draw, calls = m.draw_batch, []
+# Ctrl-C in the middle of step `at` (its batch drawn, the generator moved on): the run finishes that step, saves its
+# checkpoint there and exits 130; a checkpoint taken mid-step would make --resume inexact
+INTERRUPT = """import os, signal
+draw, calls = m.draw_batch, []
 def draw_batch(*args):
+    batch = draw(*args)
     calls.append(1)
-    if len(calls) > {at}:
-        raise KeyboardInterrupt
-    return draw(*args)
+    if len(calls) == {at}:
+        os.kill(os.getpid(), signal.SIGINT)
+    return batch
 m.draw_batch = draw_batch"""
 # what the runs below test (data, checkpoints, resume, DDP, NaN, Ctrl-C) does not depend on the network's width or on
 # the figures: no quality metric, an 8-channel UNet (16 with --quick), 2 DDIM steps for the grids (5); the same code
@@ -50,7 +54,8 @@ def train(tmp, *args, run="run", interrupt_at=None, **constants):
     cmd = [sys.executable, launcher(tmp, interrupt_at, **constants), "--quick", "--out", tmp / "fig",
            "--run-dir", tmp / run, *args]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
     return proc.returncode, proc.stdout, proc.stderr
 
 
