@@ -306,10 +306,10 @@ def run_sampler(name, model, x_T, alpha_bar, nfe, args, device):
 
 def quality(out, args, model, alpha_bar, cfg, data, device):
     train, labels, held, labels_held, n_classes = data
-    n, t0 = min(args.samples, len(held), len(train)), time.time()
+    n, t0 = min(args.samples, len(held) // 2), time.time()
     clf = train_classifier(train, labels, n_classes, device, 8 if args.quick else 400, cfg["seed"])
     f_real, c_real = features_and_classes(clf, to_unit(held[:n]), device)
-    floor = frechet_distance(features_and_classes(clf, to_unit(train[:n]), device)[0], f_real)
+    floor = frechet_distance(features_and_classes(clf, to_unit(held[n:2 * n]), device)[0], f_real)  # 2 held-out halves
     print(f"\nquality: Frechet distance to {n} held-out real images on a {n_classes}-class classifier's features "
           f"(classifier: {(c_real == labels_held[:n]).float().mean().item():.0%} accurate on them, trained in "
           f"{time.time() - t0:.0f} s); floor FD(real, real) at {n} = {floor:.2f}")

@@ -294,7 +294,8 @@ def guidance_table(args, unet, noisy, clf, data, held, train_idx, alpha_bar, aut
         said = noisy(q_sample(x0, tt, alpha_bar, torch.randn(x0.shape, generator=g).to(device)), tt).argmax(1)
         acc_by_t.append(f"t={t} {(said.cpu() == y_real[:len(x0)]).float().mean():.0%}")
     fd = lambda x: frechet_distance(features_and_classes(clf, x, device)[0], real_feats)  # on the judge's features
-    floor, ceiling = fd(to_unit(data[0][train_idx[:epc * K]])), fd(torch.randn(real.shape, generator=g).clamp(-1, 1))
+    floor = fd(to_unit(data[0][held[epc * K:2 * epc * K]]))  # two held-out halves, as in 04
+    ceiling = fd(torch.randn(real.shape, generator=g).clamp(-1, 1))
     print(f"judge: accuracy on held-out real {(real_pred == y_real).float().mean():.1%} | noisy classifier accuracy "
           f"by t: {', '.join(acc_by_t)} | {time.time() - t1:.0f} s")
     t1, y = time.time(), torch.arange(K).repeat_interleave(epc)  # class-major labels [K * epc]

@@ -54,11 +54,11 @@ LR, EMA_GAMMA, P_UNCOND = 2e-3, 6.94, 0.1  # lesson 04's peak lr (cosine to 0) a
 LORA_RANK, LORA_ALPHA = 2, 2.0
 SLOW_CPU_FLOPS = 64e9  # FLOP/s of lesson 04's UNet in fp32 on 2 cores without bf16 units (measured)
 FULL = dict(n_images=10_000, vae_steps=1600, vae_batch=32, batch=16, latent_batch=128, unet_tflop=25, warmup=100,
-            sample_steps=20, eval_samples=250, clf_steps=300, lora_images=300, lora_steps=600, lora_batch=32,
+            sample_steps=20, eval_samples=250, clf_steps=400, lora_images=300, lora_steps=600, lora_batch=32,
             lora_samples=200)  # a fifth of the images held out; unet_tflop: the training FLOPs of each UNet
-QUICK = dict(n_images=600, vae_steps=40, vae_batch=16, batch=8, latent_batch=64, unet_tflop=0.03, warmup=5,
-             sample_steps=4, eval_samples=40, clf_steps=30, lora_images=32, lora_steps=10, lora_batch=16,
-             lora_samples=40)  # --quick: a smoke test
+QUICK = dict(n_images=600, vae_steps=15, vae_batch=16, batch=8, latent_batch=64, unet_tflop=0.03, warmup=5,
+             sample_steps=4, eval_samples=20, clf_steps=8, lora_images=32, lora_steps=10, lora_batch=16,
+             lora_samples=20)  # --quick: a smoke test
 
 # %% 1. The autoencoder: a small KL-regularised convolutional VAE
 class VAEBlock(nn.Sequential):  # x + conv(SiLU(GN(conv(SiLU(GN(x)))))): a residual block without time embedding
