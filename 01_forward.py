@@ -32,8 +32,8 @@ Run:
     python 01_forward.py            # under a minute on a 2-core CPU; writes figures/01_*
     python 01_forward.py --quick    # a few seconds, smaller numbers; writes runs/quick/01_*
     main(["--quick"])               # the same from a notebook cell
-It writes 01_noising.png, 01_schedules.png, 01_2d_diffusion.png, 01_xT_histogram.png and 01_noising.gif,
-and prints the closed-form-against-chain table.
+It writes 01_chain.png, 01_noising.png, 01_schedules.png, 01_2d_diffusion.png, 01_xT_histogram.png and
+01_noising.gif, and prints the closed-form-against-chain table.
 """
 
 # %% Imports and the lesson's constants
@@ -129,20 +129,14 @@ POSITIONS = ("top left", "top", "top right", "left", "centre", "right",
 
 def shape_polygon(kind, cx, cy, r, angle):
     """Vertices of a shape centred at (cx, cy) with circumradius r, rotated by angle (radians)."""
-    if kind == "square":
-        radii, k = [r] * 4, 4
-    elif kind == "triangle":
-        radii, k = [r] * 3, 3
-    elif kind == "star":
-        radii, k = [r, 0.45 * r] * 5, 10
-    else:  # cross: a plus sign, 12 vertices on two radii
-        w = 0.32 * r  # half the width of an arm
+    if kind == "cross":  # a plus sign: 12 vertices, arms of half-width w
+        w, c, s = 0.32 * r, math.cos(angle), math.sin(angle)
         pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r),
                (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
-        c, s = math.cos(angle), math.sin(angle)
         return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
-    return [(cx + rad * math.cos(angle + 2 * math.pi * i / k), cy + rad * math.sin(angle + 2 * math.pi * i / k))
-            for i, rad in enumerate(radii)]
+    radii = {"square": [r] * 4, "triangle": [r] * 3, "star": [r, 0.45 * r] * 5}[kind]  # star: two radii
+    a = [angle + 2 * math.pi * i / len(radii) for i in range(len(radii))]
+    return [(cx + rad * math.cos(a_i), cy + rad * math.sin(a_i)) for rad, a_i in zip(radii, a)]
 
 
 def make_shapes(n, size=32, seed=0):
@@ -303,6 +297,34 @@ def gif_noising(path, alpha_bars, images, frames, g, device):
                  loop=0)
 
 
+def figure_chain(path, alpha_bar, image, caption, g, device, scale=3, gap=52):
+    """One image [1, 3, H, W] through the forward chain q (top row) and the reverse chain p_theta (bottom)."""
+    T, cell = len(alpha_bar), image.shape[-1] * scale
+    ts = [T // 10, T // 4, T // 2, (3 * T) // 4, T - 1]
+    x0, noise = to_unit(image).to(device), torch.randn(image.shape, generator=g).to(device)  # one fixed noise
+    xs = torch.cat([x0, q_sample(x0, torch.tensor(ts, device=device), alpha_bar, noise)])  # [len(ts) + 1, 3, H, W]
+    pics = [Image.fromarray(a).resize((cell, cell), Image.Resampling.NEAREST)
+            for a in to_uint8(xs).permute(0, 2, 3, 1).cpu().numpy()]
+    caps, n = ["x_0 (data)\nalpha_bar = 1"] + [f"t = {t}\nalpha_bar = {alpha_bar[t]:.2g}" for t in ts], len(xs)
+    canvas = Image.new("RGB", (n * cell + (n - 1) * gap + 40, 2 * cell + 216), "white")
+    d, f = ImageDraw.Draw(canvas), font(13)
+    d.text((canvas.width // 2, 8), f"Forward (top) and reverse (bottom) chains for \"{caption}\" (cosine schedule)",
+           fill="black", font=font(16), anchor="ma")
+    for r, (order, color, label) in enumerate([(range(n), PALETTE[1], "q(x_t | x_{t-1}): add noise (fixed)"), (
+            range(n - 1, -1, -1), PALETTE[0], "p_theta(x_{t-1} | x_t): remove noise (learned, lessons 02-04)")]):
+        y = 64 + r * (cell + 96)  # the top of this row's images, under its label
+        d.text((canvas.width // 2, y - 24), label, fill=color, font=font(15), anchor="ma")
+        for k, i in enumerate(order):
+            x = 20 + k * (cell + gap)
+            canvas.paste(pics[i], (x, y))
+            d.multiline_text((x + cell / 2, y + cell + 6), caps[i], fill="black", font=f, anchor="ma", align="center")
+            if k:  # an arrow from the image before to this one
+                ym = y + cell / 2
+                d.line([(x - gap + 6, ym), (x - 10, ym)], fill=color, width=3)
+                d.polygon([(x - 4, ym), (x - 16, ym - 7), (x - 16, ym + 7)], fill=color)
+    canvas.save(path)
+
+
 # %% Main: the table of contents
 def main(argv=None):
     args = parse_args(argv)
@@ -330,8 +352,9 @@ def main(argv=None):
     figure_2d(os.path.join(out, "01_2d_diffusion.png"), alpha_bars["cosine"], n_2d, g)
     figure_histogram(os.path.join(out, "01_xT_histogram.png"), alpha_bars["linear"], n_hist, args.seed, g, device)
     gif_noising(os.path.join(out, "01_noising.gif"), alpha_bars, images[:4], frames, g, device)
+    figure_chain(os.path.join(out, "01_chain.png"), alpha_bars["cosine"], images[:1], captions[0], g, device)
     print(f"\nwrote 01_noising.png, 01_schedules.png, 01_2d_diffusion.png, 01_xT_histogram.png, "
-          f"01_noising.gif to {out}/ in {time.time() - start:.1f}s")
+          f"01_noising.gif, 01_chain.png to {out}/ in {time.time() - start:.1f}s")
 
 
 def parse_args(argv=None):
@@ -374,16 +397,10 @@ def fail(message):
 
 def pick_device(name):
     """auto: cuda, then mps, then cpu; a device that is not there exits 2."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda was asked for but CUDA is not available; use --device cpu (or auto)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        fail("--device mps was asked for but MPS is not available; use --device cpu (or auto)")
+    have = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(k for k, ok in have.items() if ok) if name == "auto" else name
+    if not have[name]:
+        fail(f"--device {name} was asked for but {name.upper()} is not available; use --device cpu (or auto)")
     return torch.device(name)
 
 

@@ -165,7 +165,8 @@ def test_make_shapes_other_sizes():
 
 
 # -- the script ---------------------------------------------------------------------------------------
-FIGURES = ["01_noising.png", "01_schedules.png", "01_2d_diffusion.png", "01_xT_histogram.png", "01_noising.gif"]
+FIGURES = ["01_chain.png", "01_noising.png", "01_schedules.png", "01_2d_diffusion.png", "01_xT_histogram.png",
+           "01_noising.gif"]
 
 
 def test_script_quick_writes_every_figure(tmp_path):
