@@ -238,8 +238,8 @@ def autoencoder(images, labels, held, train, clf, f_real, args, device, autocast
 def latent_vs_pixel(x_train, z_train, y_train, vae, clf, f_real, overhead, cost, alpha_bar, args, autocast, gen):
     """Both UNets (pixels, latents) for one budget, the same FLOPs by default; judge EMA snapshots; table, figure."""
     kind, (sp, sl) = ("seconds", (args.seconds,) * 2) if args.seconds else ("steps", args.fixed_steps or cost["steps"])
-    tf = dict(pixel=3e-12 * cost["pixel"] * args.batch, latent=3e-12 * cost["latent"] * args.latent_batch)  # a step
-    # the latent model is also judged where its UNet plus the VAE have cost what the pixel UNet did (FLOPs or seconds)
+    tf = dict(pixel=3e-12 * cost["pixel"] * args.batch, latent=3e-12 * cost["latent"] * args.latent_batch)  # TFLOP/step
+    # e2e: the latent step where its UNet plus the VAE have cost what the pixel UNet did (a step: 3 forwards an image)
     e2e = sl - overhead if args.seconds else (sp * tf["pixel"] - cost["vae"] / 1e12) / tf["latent"]
     print(f"2. both UNets: pixel for {sp:g} {kind} of batch {args.batch}, latent for {sl:g} of {args.latent_batch}; "
           f"snapshots judged on {len(f_real)} guided samples (s = {args.guidance:g}, DDIM {args.sample_steps} steps)")
@@ -370,7 +370,7 @@ def run_cost(args):
     f["steps"] = [round(args.unet_tflop * 1e12 / (3 * f[k] * batch[k])) for k in batch]  # the same FLOPs each
     f["vae"] = 3 * (f["enc"] + f["dec"]) * args.vae_batch * args.vae_steps + f["enc"] * args.n_images  # + encoding
     sample = 2 * s * f["latent"] + f["dec"]  # a guided DDIM sample in latent space, decoded
-    parts = {"judge": f["clf"] * (3 * 128 * args.clf_steps + 12 * e), "VAE": f["vae"]}
+    parts = {"judge": f["clf"] * (3 * 128 * args.clf_steps + 12 * e), "VAE": f["vae"]}  # trained; ~12 sets of e read
     for k, steps in zip(batch, () if args.seconds else args.fixed_steps or f["steps"]):  # by the clock: not known
         parts[f"{k} UNet"] = 3 * f[k] * batch[k] * steps
     # snapshots: the pixel UNet's 2, the latent's 3; SDEdit: 64 images, 4 t (2.4x the steps); inpainting: 20
@@ -589,7 +589,7 @@ class Attention(nn.Module):  # four-head self-attention among the H*W positions,
         q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).transpose(3, 4).unbind(1)
         return x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(B, C, H, W))
 
-class UNet(nn.Module):  # eps_theta(x_t, t, y): 06's class UNet, 2 ResBlocks a level down, 3 up, attention at 2 (03)
+class UNet(nn.Module):  # v_theta(x_t, t, y): 06's class UNet, 2 ResBlocks a level down, 3 up, attention at 2 (03)
     def __init__(self, in_ch=3, base_ch=32, ch_mult=(1, 2, 2), num_classes=0):
         super().__init__()
         self.base_ch, self.num_classes, emb_dim = base_ch, num_classes, 4 * base_ch
