@@ -32,6 +32,7 @@ import math
 import os
 import sys
 import time
+from collections import OrderedDict
 from contextlib import nullcontext
 
 import numpy as np
@@ -54,9 +55,9 @@ CAPTION_KEEP = (0.5, 0.85, 0.85, 0.5)  # in training, keep a caption's size, col
 HOLDOUT = [("red", "star"), ("green", "circle"), ("blue", "cross"), ("yellow", "triangle"), ("magenta", "square")]
 SETTINGS = dict(n_shapes=10_000, base_ch=16, batch_size=16, warmup=100,  # --quick swaps in QUICK's
                 text_steps=1500, text_width=64, text_layers=2,  # text model: steps, encoder width and layers
-                clf_steps=600, noisy_clf_steps=300,  # the judge; a clean classifier, then as many steps on x_t
-                eval_per_class=50, text_per_prompt=8,  # samples per class and scale; per 'a COLOUR SHAPE'
-                sample_steps=10, n_prompt=16, grid_cols=6)  # DDIM steps; images for --prompt; per text-grid row
+                clf_steps=400, noisy_clf_steps=300,  # the judge; a clean classifier, then as many steps on x_t
+                eval_per_class=50, text_per_prompt=12,  # samples per class and scale; per 'a COLOUR SHAPE'
+                sample_steps=8, n_prompt=16, grid_cols=6)  # DDIM steps; images for --prompt; per text-grid row
 QUICK = dict(n_shapes=1000, batch_size=8, warmup=4, text_steps=12, text_width=16, text_layers=1, clf_steps=4,
              noisy_clf_steps=4, eval_per_class=2, text_per_prompt=1, sample_steps=3, n_prompt=4, grid_cols=2)
 
@@ -98,7 +99,6 @@ class NoisyClassifier(nn.Module):
             if isinstance(layer, nn.GroupNorm):
                 x = x + next(shifts)[:, :, None, None]
         return self.head(x)  # [B, n_classes]
-
 def train_noisy_classifier(images, labels, n_classes, alpha_bar, device, steps, seed):
     """A clean Classifier (as in 04), then as many steps on x_t = q_sample(x_0, t) with t uniform."""
     clf = NoisyClassifier(n_classes).to(device)
@@ -114,12 +114,11 @@ def train_noisy_classifier(images, labels, n_classes, alpha_bar, device, steps, 
         loss.backward()
         opt.step()
     return clf.eval()
-
 def classifier_guided_eps(model, clf, x, t, y, scale, alpha_bar):
     """eps(x_t, t, null) - scale sqrt(1 - ab_t) grad_x log p(y | x_t, t), the score of p(x_t) p(y | x_t)^scale
     (eps = -sqrt(1 - ab) grad log p(x_t); Dhariwal & Nichol, eq. 14). Returns eps, not v."""
     ab = alpha_bar[t].to(x.device, torch.float32).view(-1, 1, 1, 1)
-    eps, _ = to_eps_x0(PRED, model(x, t, torch.full_like(y, model.num_classes)).float(), x, ab)
+    eps = eps_x0_of_v(model(x, t, torch.full_like(y, model.num_classes)).float(), x, ab)[0]  # PRED is "v"
     if scale == 0:
         return eps
     with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):  # the gradient in fp32
@@ -133,7 +132,6 @@ def caption_variant(caption, keep):
     """The caption without the parts whose keep flag is off: trained on these, 'a green star' means what it says."""
     w = caption.split()  # the parts: size w[1], colour w[2], shape w[3], position w[4:]
     return " ".join(["a"] + [word for part, k in zip([w[1:2], w[2:3], w[3:4], w[4:]], keep) if k for word in part])
-
 def text_training_set(captions, idx, holdout):
     """Indices in idx whose caption ('a SIZE COLOUR SHAPE ...') has no held-out (colour, shape) pair."""
     return torch.tensor([i for i in idx.tolist() if tuple(captions[i].split()[2:4]) not in holdout], dtype=torch.long)
@@ -220,7 +218,6 @@ def batch(gen, data, idx, batch_size, tokenizer=None):
         return to_unit(data[0][idx]), data[1][idx]
     keep = (torch.rand(len(idx), 4, generator=gen) < torch.tensor(CAPTION_KEEP)).tolist()
     return to_unit(data[0][idx]), tokenizer.encode([caption_variant(data[2][i], k) for i, k in zip(idx.tolist(), keep)])
-
 def class_model(args, data, train_idx, alpha_bar, autocast):
     """The class-conditional UNet -> (model, config, training log)."""
     torch.manual_seed(args.seed)
@@ -235,6 +232,13 @@ def class_model(args, data, train_idx, alpha_bar, autocast):
         CLASS_LOSS_WEIGHT, args.warmup, alpha_bar, autocast, torch.Generator().manual_seed(args.seed + 10),
         "class model"), args.retrain)
     return unet.eval().requires_grad_(False), config, log
+def loss_weight(kind, ab):
+    """The weight on a sample's v error: v's error is (1 + SNR) x the x_0 error. "none" keeps that; "min-snr" (04,
+    the class model) makes it min(SNR, 5), which starves the noisiest t, where colour is decided; "min-snr+1" clamps
+    SNR inside v's own weight, 1 + min(SNR, 5): v's weight at high noise, min-SNR's at low (the text model's)."""
+    snr = ab / (1 - ab)
+    return {"none": torch.ones_like(ab), "min-snr": min_snr_weight(ab),
+            "min-snr+1": (snr.clamp(max=5.0) + 1) / (snr + 1)}[kind]
 
 def text_model(args, class_unet, class_config, data, train_idx, tokenizer, alpha_bar, autocast):
     """UNet with cross-attention + text encoder -> (model, log, the null condition: empty caption [L])."""
@@ -255,7 +259,6 @@ def text_model(args, class_unet, class_config, data, train_idx, tokenizer, alpha
         args.text_loss_weight, args.warmup, alpha_bar, autocast, torch.Generator().manual_seed(args.seed + 20),
         "text model"), args.retrain)
     return model.eval().requires_grad_(False), log, y_null
-
 def classifiers(args, data, train_idx, alpha_bar):
     """p(y | x_t, t) for classifier guidance, and a clean classifier that judges samples (accuracy, FD)."""
     x, y, device, K, seed = data[0][train_idx], data[1][train_idx], alpha_bar.device, len(SHAPES), args.seed
@@ -269,7 +272,6 @@ def classifiers(args, data, train_idx, alpha_bar):
                   lambda: dict(model=train_classifier(x, y, K, device, n_clf, seed).state_dict(), step=n_clf),
                   args.retrain)
     return noisy.eval().requires_grad_(False), clf.eval()
-
 def text_sample(args, model, y_null, tokens, alpha_bar, autocast, seed):
     """Images for tokens [N, L], classifier-free guided at TEXT_SCALE, from the noise of seed."""
     return sample(lambda x, t, c: guided_eps(model, x, t, c, TEXT_SCALE, y_null), tokens, seed, PRED, alpha_bar,
@@ -281,7 +283,6 @@ def judge(clf, x, y, real_feats):
     feats, pred = features_and_classes(clf, x, next(clf.parameters()).device)
     per_class = [(pred[y == c] == c).float().mean().item() for c in y.unique().tolist()]
     return (pred == y).float().mean().item(), per_class, frechet_distance(feats, real_feats)
-
 @torch.no_grad()
 def guidance_table(args, unet, noisy, clf, data, held, train_idx, alpha_bar, autocast):
     """Prints the judge, the noisy classifier by t and the trade-off table -> the samples of both methods."""
@@ -319,7 +320,6 @@ def guidance_table(args, unet, noisy, clf, data, held, train_idx, alpha_bar, aut
         print(f"target (CFG scale 3, every class >= 95%): {'met' if min(per) >= 0.95 - 1e-6 else 'NOT met'}: "
               + ", ".join(f"{c} {a:.0%}" for c, a in zip(SHAPES, per)))
     return samples
-
 def save_guidance_figures(out, samples, epc):
     """06_cfg_grid.png, 06_classifier_guidance.png: a row per class, m samples per scale."""
     m = min(3, epc)
@@ -339,7 +339,6 @@ def colour_of(x):
     mean = (u * mask[:, None]).sum((2, 3)) / mask.sum((1, 2))[:, None]  # [B, 3]
     rgb = torch.tensor(list(COLORS.values()), dtype=torch.float32)  # [6, 3]
     return F.cosine_similarity(mean[:, None], rgb[None], dim=2).argmax(1)
-
 def text_table(args, model, y_null, clf, data, held, tokenizer, alpha_bar, autocast):
     """Shape accuracy (by the judge) and colour accuracy (from the pixels) of 'a COLOUR SHAPE', all pairs."""
     t1, n, real = time.time(), args.text_per_prompt, held[:args.eval_per_class * len(SHAPES)]
@@ -364,7 +363,6 @@ def text_table(args, model, y_null, clf, data, held, tokenizer, alpha_bar, autoc
         sel = torch.tensor([p == (c, s) for p in pairs]).repeat_interleave(n)
         got = [f"{SHAPES[a]}/{list(COLORS)[b]}" for a, b in zip(shape[sel].tolist(), colour[sel].tolist())]
         print(f"  'a {c} {s}' (unseen) drew (shape/colour): {', '.join(got)}")
-
 def save_text_grid(args, model, y_null, tokenizer, alpha_bar, autocast):
     """06_text_grid.png: a row of grid_cols samples per prompt, the held-out pairs marked."""
     shows = ["a large blue star", "a small yellow circle at the top left", "a red square in the centre",
@@ -374,14 +372,13 @@ def save_text_grid(args, model, y_null, tokenizer, alpha_bar, autocast):
     rows = [p + (" (unseen pair)" if any(f" {c} {s}" in p for c, s in HOLDOUT) else "") for p in shows]
     grid(os.path.join(args.out, "06_text_grid.png"), x, args.grid_cols,
          f"text-conditional samples, guidance scale {TEXT_SCALE:g}", rows)
-
 def save_losses(out, class_losses, text_losses, text_loss_weight):
     """06_loss.png: both training losses, each averaged over windows of len // 100 steps, on a log axis."""
     series = []
     for name, weight, losses in (("class", CLASS_LOSS_WEIGHT, class_losses), ("text", text_loss_weight, text_losses)):
         k = max(1, len(losses) // 100)
         means = [sum(losses[i:i + k]) / k for i in range(0, len(losses) - k + 1, k)]
-        series.append((f"{name}: {'plain' if weight == 'none' else 'min-SNR'} v", range(k, len(losses) + 1, k), means))
+        series.append((f"{name}: v, weight {weight}", range(k, len(losses) + 1, k), means))
     line_plot(os.path.join(out, "06_loss.png"), series, "training loss (mean over steps)", "step", "loss (log)")
 
 # %% Main: the class model, the two classifiers, guidance measured; then the text model
@@ -422,16 +419,15 @@ def main(argv=None):
         save_losses(args.out, class_log["losses"], text_log["losses"], args.text_loss_weight)
     print(f"total {(time.time() - t_start) / 60:.1f} min; wrote 06_cfg_grid.png, 06_classifier_guidance.png, "
           f"06_text_grid.png, 06_loss.png to {args.out}/")
-
 def parse_args(argv=None):
     argv = [] if argv is None and "ipykernel" in sys.modules else argv  # in Jupyter, sys.argv is the kernel's
     p = Parser(description="Lesson 06: class labels, guidance and text, trained from scratch.",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--steps", type=int, default=3450, help="training steps of the class-conditional UNet")
+    a("--steps", type=int, default=3000, help="training steps of the class-conditional UNet")
     a("--scales", type=scale_list, default="0,1,3,5,7.5", help="CFG scales (0: unconditional, 1: conditional)")
     a("--cg-scales", type=scale_list, default="0,3,10,30,100", help="classifier-guidance scales (other units)")
-    a("--text-loss-weight", default="none", choices=["none", "min-snr"], help="the text model's loss weight")
+    a("--text-loss-weight", default="min-snr+1", choices=["none", "min-snr", "min-snr+1"], help="see loss_weight")
     a("--prompt", default=None, help="only draw from this caption with the text model, e.g. 'a large green star'")
     a("--retrain", action="store_true", help="train again even where the run folder has a model with these settings")
     a("--run-dir", default="runs/06", help="folder of the models (with --quick: runs/quick/06)")
@@ -458,14 +454,13 @@ def train_diffusion(model, batch_fn, y_null, steps, weight, warmup, alpha_bar, a
         x0, y = (a.to(alpha_bar.device) for a in batch_fn(gen))
         y = drop_condition(y, y_null, P_UNCOND, gen)  # classifier-free guidance needs the null condition
         t = torch.randint(len(alpha_bar), (len(x0),), generator=gen).to(x0.device)
-        eps = torch.randn(x0.shape, generator=gen).to(x0.device)
-        ab = alpha_bar[t].float().view(-1, 1, 1, 1)
+        eps, ab = torch.randn(x0.shape, generator=gen).to(x0.device), alpha_bar[t].float().view(-1, 1, 1, 1)
         for group in opt.param_groups:  # a linear warmup, then a cosine from LR to 0 (lesson 04's learning_rate)
             group["lr"] = LR * min(1.0, (step + 1) / max(1, warmup)) * (1 + math.cos(math.pi * step / steps)) / 2
         with autocast():
             out = model(q_sample(x0, t, alpha_bar, eps), t, y)
-        per_sample = (out.float() - target_of(PRED, x0, eps, ab)).square().mean((1, 2, 3))  # [B]
-        loss = (loss_weight(weight, PRED, ab.view(-1)) * per_sample).mean()
+        per_sample = (out.float() - v_target(x0, eps, ab)).square().mean((1, 2, 3))  # [B]; PRED is "v"
+        loss = (loss_weight(weight, ab.view(-1)) * per_sample).mean()
         if not torch.isfinite(loss):
             sys.exit(f"\n{name}: loss is {loss.item()} at step {step}; lower LR (now {LR:g})")
         opt.zero_grad(set_to_none=True)
@@ -483,12 +478,10 @@ def train_diffusion(model, batch_fn, y_null, steps, weight, warmup, alpha_bar, a
     print(f"\n{name}: trained {steps} steps in {(time.time() - t0) / 60:.1f} min")
     return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": steps,
             "rng": {"train": gen.get_state()}, "log": {"losses": losses, "seconds": time.time() - t0}}
-
-def train_or_load(path, config, module, train_fn, retrain):
-    """Lesson 04's checkpoints: reuse path (its EMA) if its config matches, else train_fn() and save -> log."""
-    try:
+def train_or_load(path, config, module, train_fn, retrain):  # 04's checkpoints: reuse path's EMA, or train and save
+    try:  # none there, or unreadable: train
         ckpt = None if retrain else torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # none there, or unreadable: train
+    except Exception:
         ckpt = None
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT and ckpt.get("config") == config:
         print(f"reusing {path} ({ckpt.get('step')} steps, the same settings; --retrain to train again)")
@@ -498,7 +491,6 @@ def train_or_load(path, config, module, train_fn, retrain):
         os.replace(path + ".tmp", path)  # atomic: a crash mid-write never leaves a half checkpoint at `path`
     module.load_state_dict(ckpt.get("ema", ckpt["model"]))
     return ckpt.get("log", {})
-
 def run_cost(args, tokenizer):
     """Lesson 04's FLOP count, for this run from scratch (a reused model costs none), an image at a time: training
     3 forwards, a DDIM step 1 (2 for CFG past s = 1; classifier guidance adds the classifier's forward and gradient)."""
@@ -523,63 +515,44 @@ def run_cost(args, tokenizer):
     total = sum(parts.values())
     print(f"this run computes {total / 1e12:.1f} TFLOP (" + ", ".join(f"{k} {v / 1e12:.1f}" for k, v in parts.items())
           + f"): about {total / SLOW_CPU_FLOPS / 60:.0f} min on a 2-core CPU without bf16 units")
-
-def sample(fn, cond, seed, pred, alpha_bar, steps, autocast, batch=100):
-    """The experiments' sampler: DDIM from the noise of seed, 100 at a time; fn(x, t, cond) -> output of kind pred."""
-    noise = torch.randn(len(cond), 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+def sample(fn, cond, seed, pred, alpha_bar, steps, autocast, batch=100):  # DDIM from seed's noise, 100 at a time
+    noise = torch.randn(len(cond), 3, 32, 32, generator=torch.Generator().manual_seed(seed))  # fn(x, t, cond): pred
     return torch.cat([ddim_sample(lambda x, t: fn(x, t, cond[i:i + batch].to(x.device)), noise[i:i + batch].to(
         alpha_bar.device), alpha_bar, steps, pred, autocast).clamp(-1, 1).cpu() for i in range(0, len(cond), batch)])
-
 @torch.no_grad()
-def ddim_sample(model, x, alpha_bar, steps, pred, autocast=nullcontext):
-    """Deterministic DDIM (lesson 04): x_T -> x_0 through t_i = round(i (T-1) / (steps-1)), then t = 0 -> x_0."""
-    ts = torch.linspace(len(alpha_bar) - 1, 0, steps).round().long().tolist()
+def ddim_sample(model, x, alpha_bar, steps, pred, autocast=nullcontext):  # deterministic DDIM, x0 clipped (lesson 04)
+    ts = torch.linspace(len(alpha_bar) - 1, 0, steps).round().long().tolist()  # t_i = round(i (T-1) / (steps-1))
     for i, t in enumerate(ts):
         ab = alpha_bar[t].to(x.device, torch.float32).view(1, 1, 1, 1)
         with autocast():
             out = model(x, torch.full((len(x),), t, device=x.device, dtype=torch.long))
-        x0 = to_eps_x0(pred, out.float(), x, ab)[1].clamp(-1, 1)
+        out = out.float()  # v, or eps (classifier guidance) -> x0_hat
+        x0 = (eps_x0_of_v(out, x, ab)[1] if pred == "v" else (x - (1 - ab).sqrt() * out) / ab.sqrt()).clamp(-1, 1)
         eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # keep eps consistent with the clipped x0
         ab_next = alpha_bar[ts[i + 1]].item() if i + 1 < len(ts) else 1.0  # the last step lands on x_0
         x = math.sqrt(ab_next) * x0 + math.sqrt(1 - ab_next) * eps
     return x
-
-def target_of(pred, x0, eps, ab):  # The regression target for pred; ab = alpha_bar_t as [B, 1, 1, 1] (lesson 04)
-    return {"eps": eps, "x0": x0}[pred] if pred != "v" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
-
-def to_eps_x0(pred, out, x_t, ab):  # The network's output -> (eps_hat, x0_hat), whatever it predicts (lesson 04)
-    if pred == "eps":
-        return out, (x_t - (1 - ab).sqrt() * out) / ab.sqrt()
-    if pred == "x0":
-        return (x_t - ab.sqrt() * out) / (1 - ab).sqrt(), out
-    return (1 - ab).sqrt() * x_t + ab.sqrt() * out, ab.sqrt() * x_t - (1 - ab).sqrt() * out  # from v
-
-def loss_weight(kind, pred, ab, gamma=5.0):
-    """Per-sample weight: 1, or min-SNR-gamma for the target pred (Hang et al. 2023; lesson 04)."""
+def v_target(x0, eps, ab):  # lesson 04's target v = sqrt(ab) eps - sqrt(1 - ab) x_0; ab = alpha_bar_t [B, 1, 1, 1]
+    return ab.sqrt() * eps - (1 - ab).sqrt() * x0
+def eps_x0_of_v(v, x_t, ab):  # the UNet's v -> (eps_hat, x0_hat): the inverse of q_sample and v_target (lesson 04)
+    return (1 - ab).sqrt() * x_t + ab.sqrt() * v, ab.sqrt() * x_t - (1 - ab).sqrt() * v
+def min_snr_weight(ab, gamma=5.0):  # min(SNR, gamma) on the x_0 error: min(SNR, gamma) / (1 + SNR) on v's (lesson 04)
     snr = ab / (1 - ab)
-    w = snr.clamp(max=gamma)
-    return torch.ones_like(ab) if kind == "none" else {"eps": w / snr, "x0": w, "v": w / (snr + 1)}[pred]
-
-def cosine_betas(T, s=0.008):
-    """Improved DDPM's schedule (lesson 01): alpha_bar_t = f(t)/f(0), f(t) = cos^2(((t/T)+s)/(1+s) * pi/2)."""
+    return snr.clamp(max=gamma) / (snr + 1)
+def cosine_betas(T, s=0.008):  # improved DDPM's: alpha_bar_t = f(t) / f(0), betas clipped at 0.999 (lesson 01)
     f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
     return (1 - f[1:] / f[:-1]).clamp(max=0.999)
-
 def alpha_bar_of(betas):  # alpha_bar_t = prod_{s<=t} (1 - beta_s) (lesson 01)
     return torch.cumprod(1 - betas, dim=0)
-
 def q_sample(x0, t, alpha_bar, noise):  # x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise (lesson 01)
     ab = alpha_bar.to(x0.device)[t].to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))  # [B, 1, 1, 1]
     return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-
 def timestep_embedding(t, dim):  # t int64 [B] -> [B, dim]: sin, cos of t at frequencies 1 ... 1/10000 (lesson 03)
     freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device, dtype=torch.float32) / (dim // 2))
     args = t.float()[:, None] * freqs[None]  # [B, dim/2]
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # [B, dim]
-
 def group_norm(ch):  # GroupNorm with up to 32 groups (lesson 03)
     return nn.GroupNorm(math.gcd(32, ch), ch)
-
 class ResBlock(nn.Module):  # lesson 03's, with a (time + label) scale and shift, self- and cross-attention
     def __init__(self, c_in, c_out, emb_dim, attn_heads=0, ctx_dim=0):
         super().__init__()
@@ -589,68 +562,51 @@ class ResBlock(nn.Module):  # lesson 03's, with a (time + label) scale and shift
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         self.attn = Attention(c_out, attn_heads) if attn_heads else nn.Identity()
         self.cross = CrossAttention(c_out, ctx_dim, attn_heads) if attn_heads and ctx_dim else None
-
     def forward(self, x, emb, ctx=None, ctx_mask=None):
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # 2 x [B, C_out, 1, 1]
-        h = self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift))
-        h = self.attn(self.skip(x) + h)
+        h = self.attn(self.skip(x) + self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift)))
         return self.cross(h, ctx, ctx_mask) if self.cross is not None else h
-
 class Attention(nn.Module):  # four-head self-attention among the H*W positions, with a residual (lesson 03)
     def __init__(self, ch, heads=4):
         super().__init__()
         self.heads, self.norm = heads, group_norm(ch)
         self.qkv, self.proj = nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
-
     def forward(self, x):
         B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
-        q, k, v = qkv.transpose(3, 4).unbind(1)  # 3 x [B, heads, HW, C/heads]
-        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
-        return x + self.proj(h.transpose(2, 3).reshape(B, C, H, W))
-
-class Resample(nn.Module):  # lesson 03's Downsample (3x3 conv, stride 2) or Upsample (nearest x2, 3x3 conv)
-    def __init__(self, ch, up):
-        super().__init__()
-        self.up, self.conv = up, nn.Conv2d(ch, ch, 3, stride=1 if up else 2, padding=1)
-
-    def forward(self, x):  # (B, C, H, W) -> (B, C, 2H, 2W) or (B, C, H/2, W/2)
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest") if self.up else x)
-
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).transpose(3, 4).unbind(1)
+        return x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(B, C, H, W))
 class UNet(nn.Module):  # lesson 03's, plus num_classes (+ a null label) and ctx_dim (cross-attention) inputs
     def __init__(self, in_ch=3, base_ch=32, ch_mult=(1, 2, 2), attn_levels=(2,), num_classes=0, ctx_dim=0):
         super().__init__()
-        self.base_ch, self.num_classes, emb_dim, heads = base_ch, num_classes, 4 * base_ch, 4
+        self.base_ch, self.num_classes, emb_dim = base_ch, num_classes, 4 * base_ch  # attention: 4 heads
         self.time_mlp = nn.Sequential(nn.Linear(base_ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
         self.conv_in = nn.Conv2d(in_ch, base_ch, 3, padding=1)
         self.down, chans, ch = nn.ModuleList(), [base_ch], base_ch  # chans: every skip's channels, in order
         for level, mult in enumerate(ch_mult):
             for _ in range(2):
-                self.down.append(ResBlock(ch, base_ch * mult, emb_dim, heads * (level in attn_levels), ctx_dim))
+                self.down.append(ResBlock(ch, base_ch * mult, emb_dim, 4 * (level in attn_levels), ctx_dim))
                 ch = base_ch * mult
                 chans.append(ch)
-            if level < len(ch_mult) - 1:
-                self.down.append(Resample(ch, up=False))
+            if level < len(ch_mult) - 1:  # Downsample, named as lesson 03's: a stride-2 3x3 conv
+                self.down.append(nn.Sequential(OrderedDict(conv=nn.Conv2d(ch, ch, 3, stride=2, padding=1))))
                 chans.append(ch)
-        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, heads, ctx_dim), ResBlock(ch, ch, emb_dim)])
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, 4, ctx_dim), ResBlock(ch, ch, emb_dim)])
         self.up = nn.ModuleList()  # each up block takes the matching skip (channels from chans, in reverse)
         for level, mult in reversed(list(enumerate(ch_mult))):
             for _ in range(3):
-                self.up.append(ResBlock(ch + chans.pop(), base_ch * mult, emb_dim, heads * (level in attn_levels),
-                                        ctx_dim))
+                self.up.append(ResBlock(ch + chans.pop(), base_ch * mult, emb_dim, 4 * (level in attn_levels), ctx_dim))
                 ch = base_ch * mult
-            if level > 0:
-                self.up.append(Resample(ch, up=True))
+            if level > 0:  # Upsample: nearest x2, then a 3x3 conv
+                self.up.append(nn.Sequential(OrderedDict(up=nn.Upsample(scale_factor=2),
+                                                         conv=nn.Conv2d(ch, ch, 3, padding=1))))
         self.norm_out, self.conv_out = group_norm(ch), nn.Conv2d(ch, in_ch, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # the untrained net predicts 0
         nn.init.zeros_(self.conv_out.bias)
-
     def forward(self, x, t, y=None, ctx=None, ctx_mask=None):
         emb = self.time_mlp(timestep_embedding(t, self.base_ch))  # [B, 4 base_ch]
-        if self.label_emb is not None:
-            emb = emb + self.label_emb(y)  # y int64 [B] (num_classes: the null label), or TextToImage's pooled text
+        emb = emb if self.label_emb is None else emb + self.label_emb(y)  # y: labels [B] or TextToImage's pooled text
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:
@@ -661,22 +617,13 @@ class UNet(nn.Module):  # lesson 03's, plus num_classes (+ a null label) and ctx
         for block in self.up:
             h = block(torch.cat([h, skips.pop()], 1), emb, ctx, ctx_mask) if isinstance(block, ResBlock) else block(h)
         return self.conv_out(F.silu(self.norm_out(h)))
-
-class Classifier(nn.Module):  # a small CNN; its 128-d penultimate features are what FD compares (lesson 04)
-    def __init__(self, in_ch, n_classes):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(in_ch, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.SiLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.GroupNorm(8, 64), nn.SiLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 3, padding=1), nn.GroupNorm(8, 128), nn.SiLU(), nn.AdaptiveAvgPool2d(1),
-            nn.Flatten())  # [B, 128]
-        self.head = nn.Linear(128, n_classes)
-
-    def forward(self, x):
-        return self.head(self.body(x))
-
-def train_classifier(images, labels, n_classes, device, steps, seed):
-    """Adam on real images in [-1, 1], batches of 128 (lesson 04)."""
+def Classifier(in_ch, n_classes):  # lesson 04's small CNN: body -> 128-d features (what FD compares) -> head
+    return nn.Sequential(OrderedDict(body=nn.Sequential(
+        nn.Conv2d(in_ch, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.SiLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.GroupNorm(8, 64), nn.SiLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, 3, padding=1), nn.GroupNorm(8, 128), nn.SiLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten()), head=nn.Linear(128, n_classes)))  # [B, 128] -> [B, n_classes]
+def train_classifier(images, labels, n_classes, device, steps, seed):  # Adam on real images in [-1, 1] (lesson 04)
     g, clf = torch.Generator().manual_seed(seed), Classifier(images.shape[1], n_classes).to(device)
     opt = torch.optim.Adam(clf.parameters(), 2e-3)
     for _ in range(steps):
@@ -686,107 +633,84 @@ def train_classifier(images, labels, n_classes, device, steps, seed):
         loss.backward()
         opt.step()
     return clf.eval()
-
 @torch.no_grad()
-def features_and_classes(clf, x, device, batch=256):
-    """-> (penultimate features float64 [N, 128], predicted classes [N]) (lesson 04)."""
+def features_and_classes(clf, x, device, batch=256):  # -> (features float64 [N, 128], classes [N]) (lesson 04)
     feats = [clf.body(x[i:i + batch].to(device)) for i in range(0, len(x), batch)]
     return torch.cat([f.double().cpu() for f in feats]), torch.cat([clf.head(f).argmax(1).cpu() for f in feats])
-
 def frechet_distance(f1, f2):  # FD between Gaussians fitted to two feature sets [N, D] (float64) (lesson 04)
     s1, s2 = torch.cov(f1.T), torch.cov(f2.T)
     w, V = torch.linalg.eigh(s1)
     s1_half = V @ torch.diag(w.clamp(min=0).sqrt()) @ V.T
     cross = torch.linalg.eigvalsh(s1_half @ s2 @ s1_half).clamp(min=0).sqrt().sum()
     return ((f1.mean(0) - f2.mean(0)).square().sum() + torch.trace(s1) + torch.trace(s2) - 2 * cross).item()
-
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240),
           "yellow": (240, 220, 40), "magenta": (220, 50, 220), "cyan": (40, 220, 230)}
 SIZES = {"small": 0.20, "medium": 0.28, "large": 0.36}  # radius as a fraction of the image side
 POSITIONS = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
-
-def shape_polygon(kind, cx, cy, r, angle):
-    """Vertices of a square, triangle, star or cross centred at (cx, cy), circumradius r, rotated (lesson 01)."""
-    if kind == "cross":  # a plus sign: 12 vertices, arms of half-width w
-        w, c, s = 0.32 * r, math.cos(angle), math.sin(angle)
-        pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r),
-               (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
-        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
-    radii = {"square": [r] * 4, "triangle": [r] * 3, "star": [r, 0.45 * r] * 5}[kind]
-    a = [angle + 2 * math.pi * i / len(radii) for i in range(len(radii))]
-    return [(cx + rad * math.cos(a_i), cy + rad * math.sin(a_i)) for rad, a_i in zip(radii, a)]
-
-def make_shapes(n, size=32, seed=0):
-    """(uint8 images [n, 3, size, size], labels int64 [n], captions): one anti-aliased shape each (lesson 01)."""
+def make_shapes(n, size=32, seed=0):  # (uint8 [n, 3, size, size], int64 labels [n], captions) (lesson 01)
     rng = np.random.default_rng(seed)
     shape_i, color_i, size_i, pos_i = (rng.integers(0, len(v), n) for v in (SHAPES, COLORS, SIZES, POSITIONS))
     jitter, scale, angle = rng.uniform(-0.3, 0.3, (n, 2)), rng.uniform(0.9, 1.1, n), rng.uniform(0, 2 * math.pi, n)
-    big, color_names, size_names = 4 * size, list(COLORS), list(SIZES)
-    rgb = np.array([COLORS[c] for c in color_names], dtype=np.float32)  # [6, 3]
+    big, color_names, size_names = 4 * size, list(COLORS), list(SIZES)  # drawn 4x large, then box-downsampled
     masks, captions = np.empty((n, size, size), dtype=np.float32), []
     for i in range(n):
-        r = SIZES[size_names[size_i[i]]] * scale[i] * big
+        r, kind, a = SIZES[size_names[size_i[i]]] * scale[i] * big, SHAPES[shape_i[i]], angle[i]
         col, row = pos_i[i] % 3, pos_i[i] // 3  # centre in one of a 3x3 grid of cells inside [r, big - r]
-        cx = r + (col + 0.5 + jitter[i, 0]) / 3 * (big - 2 * r)
-        cy = r + (row + 0.5 + jitter[i, 1]) / 3 * (big - 2 * r)
-        img, kind = Image.new("L", (big, big), 0), SHAPES[shape_i[i]]
+        cx, cy = r + (col + 0.5 + jitter[i, 0]) / 3 * (big - 2 * r), r + (row + 0.5 + jitter[i, 1]) / 3 * (big - 2 * r)
+        img = Image.new("L", (big, big), 0)
         if kind == "circle":
             ImageDraw.Draw(img).ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-        else:
-            ImageDraw.Draw(img).polygon(shape_polygon(kind, cx, cy, r, angle[i]), fill=255)
+        elif kind == "cross":  # a plus sign: 12 vertices, arms of half-width w, rotated by a
+            w, c, s = 0.32 * r, math.cos(a), math.sin(a)
+            pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r),
+                   (-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
+            ImageDraw.Draw(img).polygon([(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts], fill=255)
+        else:  # vertices at even angles from a, circumradius r (a star's inner ones at 0.45 r)
+            radii = {"square": [r] * 4, "triangle": [r] * 3, "star": [r, 0.45 * r] * 5}[kind]
+            pts = [(q, a + 2 * math.pi * j / len(radii)) for j, q in enumerate(radii)]
+            ImageDraw.Draw(img).polygon([(cx + q * math.cos(b), cy + q * math.sin(b)) for q, b in pts], fill=255)
         masks[i] = np.asarray(img.resize((size, size), Image.Resampling.BOX), dtype=np.float32) / 255
         captions.append(f"a {size_names[size_i[i]]} {color_names[color_i[i]]} {kind} "
                         f"{'in the' if pos_i[i] == 4 else 'at the'} {POSITIONS[pos_i[i]]}")
+    rgb = np.array([COLORS[c] for c in color_names], dtype=np.float32)  # [6, 3]
     images = masks[:, None] * rgb[color_i][:, :, None, None]  # [n, 1, H, W] * [n, 3, 1, 1] -> [n, 3, H, W]
     return torch.from_numpy(np.rint(images).astype(np.uint8)), torch.from_numpy(shape_i.astype(np.int64)), captions
-
 def to_unit(images):  # uint8 [0, 255] -> float [-1, 1], the range diffusion models are trained in (lesson 01)
     return images.float() / 127.5 - 1
-
 def to_uint8(x):  # float [-1, 1] -> uint8 [0, 255], values outside clipped (lesson 01)
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
 class Parser(argparse.ArgumentParser):  # a user's mistake: one line and exit status 2 (every lesson)
     def error(self, message):
         fail(f"{message} (see --help)")
-
-def fail(message):  # One line naming the fix, exit status 2, no traceback (every lesson)
+def fail(message):  # one line naming the fix, exit status 2, no traceback (every lesson)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-
 def scale_list(text):  # argparse type: '0,1,3' -> [0.0, 1.0, 3.0]; anything else is a one-line error
     try:
         values = [float(s) for s in text.split(",")]
+        if all(s >= 0 and math.isfinite(s) for s in values):
+            return values
     except ValueError:
-        values = [-1.0]
-    if any(s < 0 or not math.isfinite(s) for s in values):
-        raise argparse.ArgumentTypeError(f"must be numbers >= 0 separated by commas, like 0,1,3 (got {text!r})")
-    return values
-
+        pass
+    raise argparse.ArgumentTypeError(f"must be numbers >= 0 separated by commas, like 0,1,3 (got {text!r})")
 def pick_device(name):  # auto: cuda, then mps, then cpu; a device that is not there exits 2 (every lesson)
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not mps):
+    have = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(d for d in have if have[d]) if name == "auto" else name
+    if not have[name]:
         fail(f"--device {name} was asked for but {name.upper()} is not available; use --device cpu (or auto)")
     return torch.device(name)
-
-def autocast_for(device):
-    """-> (autocast context, its name): bf16 on CUDA (with TF32) and on CPUs with bf16 units (AVX512-BF16 or AMX;
-    elsewhere bf16 is emulated, slower than fp32), else fp32 (lesson 04)."""
+def autocast_for(device):  # -> (autocast, name): bf16 on CUDA (TF32 on) and on CPUs with bf16 units, else fp32 (04)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     units = any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     if not (torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and units):
-        return nullcontext, "fp32"
+        return nullcontext, "fp32"  # (on plain AVX-512 without AVX512-BF16 or AMX, bf16 is emulated: slower)
     return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), "bf16 autocast"
-
 # The drawing kit (lesson 01's, trimmed to a grid and a line plot on a log y axis)
-def grid(path, x, nrow, title, row_labels=(), col_labels=(), scale=3):
-    """Saves x (float [N, C, H, W] in [-1, 1]) as a titled grid, upscaled (nearest) so pixels stay crisp."""
+def grid(path, x, nrow, title, row_labels=(), col_labels=(), scale=3):  # x float [N, C, H, W] in [-1, 1], titled
     g = make_grid(to_uint8(x), nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy()  # [H', W', 3]
-    img = Image.fromarray(g).resize((g.shape[1] * scale, g.shape[0] * scale), Image.Resampling.NEAREST)
+    img = Image.fromarray(g).resize((g.shape[1] * scale, g.shape[0] * scale), Image.Resampling.NEAREST)  # crisp
     f, top = ImageFont.load_default(size=14), 50 if col_labels else 32
     left = max((int(f.getlength(s)) for s in row_labels), default=0) + 12 if row_labels else 8
     canvas = Image.new("RGB", (img.width + left + 8, img.height + top + 8), "white")
@@ -798,14 +722,11 @@ def grid(path, x, nrow, title, row_labels=(), col_labels=(), scale=3):
     for i, s in enumerate(row_labels):
         d.text((left - 6, top + (i + 0.5) * img.height / len(row_labels)), s, fill="black", font=f, anchor="rm")
     canvas.save(path)
-
-def line_plot(path, series, title, xlabel, ylabel, size=(620, 430)):
-    """Saves series [(label, xs, ys)] as lines on a log y axis, with ticks, grid, labels and a legend."""
+def line_plot(path, series, title, xlabel, ylabel):  # series [(label, xs, ys)] as lines on a log y axis, a legend
     xs, ys = [x for s in series for x in s[1]], [y for s in series for y in s[2]]
     (xa, xb), (ya, yb) = (min(xs), max(xs)), (min(ys) * 0.8, max(ys) * 1.25)
-    img = Image.new("RGB", size, "white")
-    d, f = ImageDraw.Draw(img), ImageFont.load_default(size=13)
-    x0, y0, x1, y1 = 70, 50, size[0] - 20, size[1] - 50
+    img, f = Image.new("RGB", (620, 430), "white"), ImageFont.load_default(size=13)
+    d, (x0, y0, x1, y1) = ImageDraw.Draw(img), (70, 50, 600, 380)
     to_px = lambda x, y: (x0 + (x - xa) / ((xb - xa) or 1) * (x1 - x0),
                           y1 - math.log(y / ya) / math.log(yb / ya) * (y1 - y0))
     raw = ((xb - xa) or 1) / 5  # x ticks 1, 2 or 5 times a power of ten apart; y ticks at powers of ten
@@ -819,12 +740,11 @@ def line_plot(path, series, title, xlabel, ylabel, size=(620, 430)):
     d.rectangle((x0, y0, x1, y1), outline="black")
     d.text(((x0 + x1) / 2, y1 + 24), xlabel, fill="black", font=f, anchor="ma")
     d.text((x0 - 4, y0 - 8), ylabel, fill="black", font=f, anchor="ld")
-    d.text((size[0] / 2, 8), title, fill="black", font=ImageFont.load_default(size=15), anchor="ma")
-    for k, (name, xs_, ys_) in enumerate(series):
-        color = [(31, 119, 180), (214, 39, 40)][k]
+    d.text((310, 8), title, fill="black", font=ImageFont.load_default(size=15), anchor="ma")
+    for k, ((name, xs_, ys_), color) in enumerate(zip(series, [(31, 119, 180), (214, 39, 40)])):
         d.line([to_px(x, y) for x, y in zip(xs_, ys_)], fill=color, width=2)
-        d.line([(size[0] - 170, 62 + 18 * k), (size[0] - 145, 62 + 18 * k)], fill=color, width=3)
-        d.text((size[0] - 140, 62 + 18 * k), name, fill="black", font=f, anchor="lm")
+        d.line([(450, 62 + 18 * k), (475, 62 + 18 * k)], fill=color, width=3)
+        d.text((480, 62 + 18 * k), name, fill="black", font=f, anchor="lm")
     img.save(path)
 
 if __name__ == "__main__":

@@ -73,9 +73,9 @@ def test_guiding_v_equals_guiding_eps():
     x_t = torch.randn(4, 3, 8, 8, generator=g)
     v_u, v_c = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
     ab = m.alpha_bar_of(m.cosine_betas(1000))[torch.tensor([5, 300, 700, 990])].float().view(-1, 1, 1, 1)
-    eps_u, eps_c = m.to_eps_x0("v", v_u, x_t, ab)[0], m.to_eps_x0("v", v_c, x_t, ab)[0]
+    eps_u, eps_c = m.eps_x0_of_v(v_u, x_t, ab)[0], m.eps_x0_of_v(v_c, x_t, ab)[0]
     for s in (2.0, 3.0, 7.5):
-        eps_from_guided_v = m.to_eps_x0("v", torch.lerp(v_u, v_c, s), x_t, ab)[0]
+        eps_from_guided_v = m.eps_x0_of_v(torch.lerp(v_u, v_c, s), x_t, ab)[0]
         assert torch.allclose(eps_from_guided_v, torch.lerp(eps_u, eps_c, s), atol=1e-4)
 
 
@@ -249,6 +249,16 @@ def test_text_model_trains_with_its_own_loss_weight(tmp_path, monkeypatch):
     assert text["config"]["loss_weight"] == "none"  # so a min-SNR text model is not reused as this one
 
 
+def test_text_loss_weight_min_snr_plus_1_is_vs_weight_with_the_snr_clamped():
+    ab = torch.tensor([0.9999, 0.99, 0.9, 0.5, 0.1, 1e-4])
+    snr = ab / (1 - ab)
+    w = m.loss_weight("min-snr+1", ab)  # on the v error; the x_0 error's weight is 1 + min(SNR, 5)
+    assert torch.allclose(w * (1 + snr), 1 + snr.clamp(max=5))
+    assert torch.allclose(w[snr <= 5], torch.ones(int((snr <= 5).sum())))  # plain v's weight where SNR <= 5
+    assert torch.allclose(w - m.loss_weight("min-snr", ab), 1 / (1 + snr))  # min-SNR's weight + 1 on the x_0 error
+    assert torch.equal(m.loss_weight("none", ab), torch.ones(6))
+
+
 def test_run_cost_is_printed_scales_with_steps_and_the_default_fits_its_budget(capsys):
     tok = m.Tokenizer(CAPTIONS)
 
@@ -259,7 +269,7 @@ def test_run_cost_is_printed_scales_with_steps_and_the_default_fits_its_budget(c
         return float(re.search(r"this run computes ([0-9.]+) TFLOP", out).group(1))
 
     default, longer = total(), total("--steps", str(m.parse_args([]).steps + 2400))
-    assert 0 < default <= 86  # about 22 min at 64 GFLOP/s (issue 14 asks 77: the text model needs 1500 steps)
+    assert 0 < default <= 77  # lesson 06's budget: 20 min at 64 GFLOP/s
     assert 20 < longer - default < 40  # 2400 more class-model steps, ~13 GFLOP each
     assert 0 < total("--quick") < 1 and total("--prompt", "a red star") < default
 
@@ -289,7 +299,7 @@ def test_quick_runs_never_write_over_the_defaults():
     assert quick.out == "runs/quick" and quick.run_dir.replace("\\", "/") == "runs/quick/06"
     assert vars(m.parse_args(["--quick", "--out", "figures", "--run-dir", "runs/06"])) == vars(quick)
     assert m.parse_args(["--quick", "--out", "o", "--run-dir", "r"]).run_dir == "r"
-    assert quick.steps == 12 and full.steps == 3450 and quick.text_steps < full.text_steps
+    assert quick.steps == 12 and full.steps == 3000 and quick.text_steps < full.text_steps
 
 
 def test_parse_args_ignores_the_jupyter_kernel_arguments(in_jupyter):
