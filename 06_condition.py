@@ -55,7 +55,7 @@ CAPTION_KEEP = (0.5, 0.85, 0.85, 0.5)  # in training, keep a caption's size, col
 HOLDOUT = [("red", "star"), ("green", "circle"), ("blue", "cross"), ("yellow", "triangle"), ("magenta", "square")]
 SETTINGS = dict(n_shapes=10_000, base_ch=16, batch_size=16, warmup=100,  # --quick swaps in QUICK's
                 text_steps=1500, text_width=64, text_layers=2,  # text model: steps, encoder width and layers
-                clf_steps=400, noisy_clf_steps=300,  # the judge; a clean classifier, then as many steps on x_t
+                clf_steps=600, noisy_clf_steps=300,  # the judge; a clean classifier, then as many steps on x_t
                 eval_per_class=50, text_per_prompt=12,  # samples per class and scale; per 'a COLOUR SHAPE'
                 sample_steps=8, n_prompt=16, grid_cols=6)  # DDIM steps; images for --prompt; per text-grid row
 QUICK = dict(n_shapes=1000, batch_size=8, warmup=4, text_steps=12, text_width=16, text_layers=1, clf_steps=4,
@@ -263,14 +263,16 @@ def classifiers(args, data, train_idx, alpha_bar):
     """p(y | x_t, t) for classifier guidance, and a clean classifier that judges samples (accuracy, FD)."""
     x, y, device, K, seed = data[0][train_idx], data[1][train_idx], alpha_bar.device, len(SHAPES), args.seed
     n_noisy, n_clf, config = args.noisy_clf_steps, args.clf_steps, dict(n_images=len(data[0]), seed=seed)
+    def fresh(train_fn, steps):  # initial weights from the seed alone, not from what ran (or was reused) before
+        torch.manual_seed(seed)
+        return dict(model=train_fn().state_dict(), step=steps)
     noisy = NoisyClassifier(K).to(device)
     train_or_load(os.path.join(args.run_dir, "noisy_classifier.pt"), dict(what="noisy", **config, steps=n_noisy), noisy,
-                  lambda: dict(model=train_noisy_classifier(x, y, K, alpha_bar, device, n_noisy, seed).state_dict(),
-                               step=n_noisy), args.retrain)
+                  lambda: fresh(lambda: train_noisy_classifier(x, y, K, alpha_bar, device, n_noisy, seed), n_noisy),
+                  args.retrain)
     clf = Classifier(3, K).to(device)  # the judge
     train_or_load(os.path.join(args.run_dir, "classifier.pt"), dict(what="judge", **config, steps=n_clf), clf,
-                  lambda: dict(model=train_classifier(x, y, K, device, n_clf, seed).state_dict(), step=n_clf),
-                  args.retrain)
+                  lambda: fresh(lambda: train_classifier(x, y, K, device, n_clf, seed), n_clf), args.retrain)
     return noisy.eval().requires_grad_(False), clf.eval()
 def text_sample(args, model, y_null, tokens, alpha_bar, autocast, seed):
     """Images for tokens [N, L], classifier-free guided at TEXT_SCALE, from the noise of seed."""
@@ -425,8 +427,8 @@ def parse_args(argv=None):
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--steps", type=int, default=3000, help="training steps of the class-conditional UNet")
-    a("--scales", type=scale_list, default="0,1,3,5,7.5", help="CFG scales (0: unconditional, 1: conditional)")
-    a("--cg-scales", type=scale_list, default="0,3,10,30,100", help="classifier-guidance scales (other units)")
+    a("--scales", type=scale_list, default="0,1,3,5", help="CFG scales (0: unconditional, 1: conditional)")
+    a("--cg-scales", type=scale_list, default="0,3,10,30", help="classifier-guidance scales (other units)")
     a("--text-loss-weight", default="min-snr+1", choices=["none", "min-snr", "min-snr+1"], help="see loss_weight")
     a("--prompt", default=None, help="only draw from this caption with the text model, e.g. 'a large green star'")
     a("--retrain", action="store_true", help="train again even where the run folder has a model with these settings")

@@ -219,8 +219,8 @@ def test_quick_run_writes_every_figure_then_draws_a_prompt(tmp_path):
     assert "guide says" in out and "unseen (held out)" in out and "target (CFG scale 3" in out
     assert "this run computes" in out
     # the trade-off (accuracy and FD per method and scale) is the printed table: a row per scale of each method
-    assert all(f"classifier-free {s:6g}" in out for s in (0, 1, 3, 5, 7.5))
-    assert all(f"classifier {s:6g}" in out for s in (0, 3, 10, 30, 100))
+    assert all(f"classifier-free {s:6g}" in out for s in (0, 1, 3, 5))
+    assert all(f"classifier {s:6g}" in out for s in (0, 3, 10, 30))
     for name in ("06_cfg_grid.png", "06_classifier_guidance.png", "06_text_grid.png", "06_loss.png"):
         lo, hi = Image.open(tmp_path / "fig" / name).convert("L").getextrema()
         assert hi > lo, name
