@@ -15,8 +15,8 @@
 5. Text: a word-level tokenizer over the shapes' captions, a small transformer encoder trained with the
    UNet by the diffusion loss alone, cross-attention softmax(Q K^T / sqrt(d) + mask) V from the UNet's
    8x8 features to the tokens (padding masked out), and the mean token feature added to the time
-   embedding. Pairs held out of its captions (HOLDOUT) test whether words compose. It trains with the
-   plain v loss (--text-loss-weight): min-SNR starves the noisiest steps, where colour is decided.
+   embedding. Pairs held out of its captions (HOLDOUT) test whether words compose. It trains with min-snr+1,
+   1 + min(SNR, 5) on the x_0 error (--text-loss-weight): min-SNR starves the noisiest steps, where colour is decided.
 
     python 06_condition.py                                # everything: about 20 min on a 2-core CPU
     python 06_condition.py --prompt "a large green star"  # draw from a caption (reuses runs/06/text.pt)
@@ -235,7 +235,7 @@ def class_model(args, data, train_idx, alpha_bar, autocast):
 def loss_weight(kind, ab):
     """The weight on a sample's v error: v's error is (1 + SNR) x the x_0 error. "none" keeps that; "min-snr" (04,
     the class model) makes it min(SNR, 5), which starves the noisiest t, where colour is decided; "min-snr+1" clamps
-    SNR inside v's own weight, 1 + min(SNR, 5): v's weight at high noise, min-SNR's at low (the text model's)."""
+    SNR inside v's own weight, 1 + min(SNR, 5): 1 on v's error where SNR <= 5, 6 / (1 + SNR) above (the text model)."""
     snr = ab / (1 - ab)
     return {"none": torch.ones_like(ab), "min-snr": min_snr_weight(ab),
             "min-snr+1": (snr.clamp(max=5.0) + 1) / (snr + 1)}[kind]
