@@ -380,7 +380,7 @@ def save_losses(out, class_losses, text_losses, text_loss_weight):
     for name, weight, losses in (("class", CLASS_LOSS_WEIGHT, class_losses), ("text", text_loss_weight, text_losses)):
         k = max(1, len(losses) // 100)
         means = [sum(losses[i:i + k]) / k for i in range(0, len(losses) - k + 1, k)]
-        series.append((f"{name}: v, weight {weight}", range(k, len(losses) + 1, k), means))
+        series.append((f"{name}: v, {weight}", range(k, len(losses) + 1, k), means))
     line_plot(os.path.join(out, "06_loss.png"), series, "training loss (mean over steps)", "step", "loss (log)")
 
 # %% Main: the class model, the two classifiers, guidance measured; then the text model
