@@ -33,7 +33,7 @@ import os
 import sys
 import time
 from collections import OrderedDict
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 
 import numpy as np
 import torch
@@ -48,8 +48,7 @@ T, PRED = 1000, "v"  # timesteps of the cosine schedule; what the networks predi
 CLASS_LOSS_WEIGHT = "min-snr"  # the class model's loss weight (the text model's is --text-loss-weight)
 LR, CH_MULT, P_UNCOND = 2e-3, (1, 2, 4), 0.1  # AdamW's peak rate; UNet channels per level; label dropout rate
 EMA_GAMMA, SLOW_CPU_FLOPS = 6.94, 64e9  # power EMA, 10% of the run wide (EDM2); FLOP/s of 2 cores without bf16 (04)
-TEXT_INIT = "class"  # "class": the text UNet starts as the class model's unconditional half; or "scratch"
-TEXT_SCALE = 3.0  # classifier-free guidance scale for text
+TEXT_INIT, TEXT_SCALE = "class", 3.0  # the text UNet starts from the class UNet (or "scratch"); its guidance scale
 PAD, START = "<pad>", "<start>"  # the tokenizer's ids 0 and 1
 CAPTION_KEEP = (0.5, 0.85, 0.85, 0.5)  # in training, keep a caption's size, colour, shape, place with these odds
 HOLDOUT = [("red", "star"), ("green", "circle"), ("blue", "cross"), ("yellow", "triangle"), ("magenta", "square")]
@@ -85,13 +84,11 @@ class NoisyClassifier(nn.Module):
     """p(y | x_t, t): 04's Classifier plus a per-channel shift by t after each GroupNorm, zero at first."""
     def __init__(self, n_classes):
         super().__init__()
-        clf = Classifier(3, n_classes)
-        self.body, self.head = clf.body, clf.head
+        self.body, self.head = Classifier(3, n_classes)  # 04's two halves
         self.chans = [m.num_channels for m in self.body if isinstance(m, nn.GroupNorm)]  # 32, 64, 128
         self.time = nn.Sequential(nn.Linear(32, 128), nn.SiLU(), nn.Linear(128, sum(self.chans)))
         nn.init.zeros_(self.time[2].weight)
         nn.init.zeros_(self.time[2].bias)
-
     def forward(self, x, t):
         shifts = iter(self.time(timestep_embedding(t, 32)).split(self.chans, dim=1))  # per GroupNorm [B, c]
         for layer in self.body:
@@ -101,9 +98,8 @@ class NoisyClassifier(nn.Module):
         return self.head(x)  # [B, n_classes]
 def train_noisy_classifier(images, labels, n_classes, alpha_bar, device, steps, seed):
     """A clean Classifier (as in 04), then as many steps on x_t = q_sample(x_0, t) with t uniform."""
-    clf = NoisyClassifier(n_classes).to(device)
-    clf.load_state_dict(train_classifier(images, labels, n_classes, device, steps, seed + 1).state_dict(),
-                        strict=False)  # body and head; the time shifts stay zero
+    clf = NoisyClassifier(n_classes).to(device)  # body and head from the clean classifier; the time shifts stay zero
+    clf.load_state_dict(train_classifier(images, labels, n_classes, device, steps, seed + 1).state_dict(), strict=False)
     g, opt = torch.Generator().manual_seed(seed + 2), torch.optim.Adam(clf.parameters(), 1e-3)
     for _ in range(steps):
         idx = torch.randint(len(images), (128,), generator=g)
@@ -132,30 +128,23 @@ def caption_variant(caption, keep):
     """The caption without the parts whose keep flag is off: trained on these, 'a green star' means what it says."""
     w = caption.split()  # the parts: size w[1], colour w[2], shape w[3], position w[4:]
     return " ".join(["a"] + [word for part, k in zip([w[1:2], w[2:3], w[3:4], w[4:]], keep) if k for word in part])
-def text_training_set(captions, idx, holdout):
-    """Indices in idx whose caption ('a SIZE COLOUR SHAPE ...') has no held-out (colour, shape) pair."""
+def text_training_set(captions, idx, holdout):  # the indices in idx whose caption has no held-out (colour, shape) pair
     return torch.tensor([i for i in idx.tolist() if tuple(captions[i].split()[2:4]) not in holdout], dtype=torch.long)
-
 class Tokenizer:
     """Words -> [START, w_1, ..., w_k, PAD, ...]; the empty caption (the null condition) keeps START to attend to."""
     def __init__(self, captions):
-        self.words = sorted({w for c in captions for w in c.split()})
-        self.vocab = [PAD, START] + self.words
-        self.ids = {w: i for i, w in enumerate(self.vocab)}
-        self.length = 1 + max(len(c.split()) for c in captions)
-
-    def encode(self, texts):
-        """list of str -> int64 [B, length]; an unknown word or a too-long text raises ValueError."""
+        self.vocab = [PAD, START] + sorted({w for c in captions for w in c.split()})  # ids 0, 1, then the words
+        self.ids, self.length = {w: i for i, w in enumerate(self.vocab)}, 1 + max(len(c.split()) for c in captions)
+    def encode(self, texts):  # list of str -> int64 [B, length]; an unknown word or a too-long text raises ValueError
         out = torch.zeros(len(texts), self.length, dtype=torch.long)  # PAD = 0
         for b, text in enumerate(texts):
             words = text.lower().split()
-            if unknown := [w for w in words if w not in self.words]:
-                raise ValueError(f"unknown word {unknown[0]!r}; the vocabulary is: {' '.join(self.words)}")
+            if unknown := [w for w in words if w not in self.vocab[2:]]:
+                raise ValueError(f"unknown word {unknown[0]!r}; the vocabulary is: {' '.join(self.vocab[2:])}")
             if len(words) > self.length - 1:
                 raise ValueError(f"{text!r} has {len(words)} words; captions have at most {self.length - 1}")
             out[b, :1 + len(words)] = torch.tensor([1] + [self.ids[w] for w in words])
         return out
-
 class TextEncoder(nn.Module):
     """tokens [B, L] -> (features [B, L, width], mask [B, L]): pre-norm transformer layers, padding masked."""
     def __init__(self, vocab_size, length, width=64, layers=2, heads=4):
@@ -163,29 +152,23 @@ class TextEncoder(nn.Module):
         self.tok, self.pos = nn.Embedding(vocab_size, width), nn.Embedding(length, width)  # token and position
         layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(width)
-
+        self.blocks, self.norm = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False), nn.LayerNorm(width)
     def forward(self, tokens):
-        mask = tokens != 0
+        mask = tokens != 0  # True: a real token (the Transformer's key_padding_mask means the opposite: ~mask)
         h = self.tok(tokens) + self.pos(torch.arange(tokens.shape[1], device=tokens.device))  # [B, L, width]
-        # mask: True = a real token. The Transformer's key_padding_mask means the opposite (True = ignore): ~mask
         return self.norm(self.blocks(h, src_key_padding_mask=~mask)), mask
-
 class CrossAttention(nn.Module):
     """Pixels (queries) attend to tokens (keys, values), padding masked: x (B, C, H, W), ctx (B, L, D) -> like x."""
     def __init__(self, ch, ctx_dim, heads=4):
         super().__init__()
         self.heads, self.norm = heads, group_norm(ch)
         self.q, self.kv, self.proj = nn.Conv2d(ch, ch, 1), nn.Linear(ctx_dim, 2 * ch), nn.Conv2d(ch, ch, 1)
-
     def forward(self, x, ctx, ctx_mask):
         B, C, H, W = x.shape
         q = self.q(self.norm(x)).reshape(B, self.heads, C // self.heads, H * W).transpose(2, 3)  # [B, h, HW, d]
         k, v = self.kv(ctx).reshape(B, -1, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 2 x [B, h, L, d]
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx_mask[:, None, None, :])  # bool: True may attend
         return x + self.proj(h.transpose(2, 3).reshape(B, C, H, W))
-
 class TextToImage(nn.Module):
     """model(x_t, t, tokens): words through cross-attention, the whole caption (mean token feature) through the
     label_emb slot into every block's scale and shift, where colour is set (as in Imagen and SDXL)."""
@@ -193,12 +176,10 @@ class TextToImage(nn.Module):
         super().__init__()
         self.unet, self.encoder = unet, encoder
         unet.label_emb = nn.Linear(encoder.pos.embedding_dim, unet.time_mlp[2].out_features)  # pooled -> emb
-
     def forward(self, x, t, tokens):
         ctx, mask = self.encoder(tokens)  # [B, L, width], [B, L]
         pooled = (ctx * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # mean of the real tokens: [B, width]
         return self.unet(x, t, y=pooled, ctx=ctx, ctx_mask=mask)
-
 @torch.no_grad()
 def warm_start(text_unet, class_unet):
     """Start the text UNet as the class model with the null label: new layers zeroed, as ControlNet does."""
@@ -210,7 +191,23 @@ def warm_start(text_unet, class_unet):
     nn.init.zeros_(text_unet.label_emb.weight)
     text_unet.label_emb.bias.copy_(class_unet.label_emb.weight[class_unet.num_classes])
 
-# %% The models and the classifiers, trained or reused from the run folder
+# %% The models and the classifiers: trained, or reused from the run folder where their settings match
+def train_or_load(path, config, module, train_fn, retrain):
+    """Loads path's weights (its EMA if any) into module if trained with these settings, else trains, saves -> log."""
+    ckpt = None  # none there, unreadable, or --retrain: train
+    with suppress(Exception):
+        ckpt = None if retrain else torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT and ckpt.get("config") == config:
+        print(f"reusing {path} ({ckpt.get('step')} steps, the same settings; --retrain to train again)")
+    else:
+        torch.manual_seed(config["seed"])  # new weights follow the seed alone, not what ran (or was reused) before
+        out = train_fn()  # a module, or a checkpoint dict as 04 writes it (model, ema, optimizer, rng, log)
+        ckpt = dict(format=FORMAT, config=config, step=config["steps"], **(
+            out if isinstance(out, dict) else {"model": out.state_dict()}))
+        torch.save(ckpt, path + ".tmp")
+        os.replace(path + ".tmp", path)  # atomic: a crash mid-write never leaves a half checkpoint at `path`
+    module.load_state_dict(ckpt.get("ema", ckpt["model"]))
+    return ckpt.get("log", {})
 def batch(gen, data, idx, batch_size, tokenizer=None):
     """x_0 in [-1, 1] and labels, or tokens of captions shortened at random (CAPTION_KEEP)."""
     idx = idx[torch.randint(len(idx), (batch_size,), generator=gen)]
@@ -218,8 +215,14 @@ def batch(gen, data, idx, batch_size, tokenizer=None):
         return to_unit(data[0][idx]), data[1][idx]
     keep = (torch.rand(len(idx), 4, generator=gen) < torch.tensor(CAPTION_KEEP)).tolist()
     return to_unit(data[0][idx]), tokenizer.encode([caption_variant(data[2][i], k) for i, k in zip(idx.tolist(), keep)])
-def class_model(args, data, train_idx, alpha_bar, autocast):
-    """The class-conditional UNet -> (model, config, training log)."""
+def loss_weight(kind, ab):
+    """The weight on a sample's v error: v's error is (1 + SNR) x the x_0 error. "none" keeps that; "min-snr" (04,
+    the class model) makes it min(SNR, 5), which starves the noisiest t, where colour is decided; "min-snr+1" clamps
+    SNR inside v's own weight, 1 + min(SNR, 5): 1 on v's error where SNR <= 5, 6 / (1 + SNR) above (the text model)."""
+    snr = ab / (1 - ab)
+    return {"none": torch.ones_like(ab), "min-snr": min_snr_weight(ab),
+            "min-snr+1": (snr.clamp(max=5.0) + 1) / (snr + 1)}[kind]
+def class_model(args, data, train_idx, alpha_bar, autocast):  # -> (the class-conditional UNet, config, log)
     torch.manual_seed(args.seed)
     unet = UNet(base_ch=args.base_ch, ch_mult=CH_MULT, num_classes=len(SHAPES)).to(alpha_bar.device)
     print(f"class model: UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, label embedding "
@@ -228,25 +231,17 @@ def class_model(args, data, train_idx, alpha_bar, autocast):
                   batch_size=args.batch_size, lr=LR, warmup=args.warmup, ema_gamma=EMA_GAMMA, p_uncond=P_UNCOND,
                   base_ch=args.base_ch, ch_mult=CH_MULT, steps=args.steps)
     log = train_or_load(os.path.join(args.run_dir, "class.pt"), config, unet, lambda: train_diffusion(
-        unet, lambda gen: batch(gen, data, train_idx, args.batch_size), torch.tensor(len(SHAPES)), args.steps,
-        CLASS_LOSS_WEIGHT, args.warmup, alpha_bar, autocast, torch.Generator().manual_seed(args.seed + 10),
-        "class model"), args.retrain)
+        unet, lambda g: batch(g, data, train_idx, args.batch_size), torch.tensor(len(SHAPES)), args.steps,
+        CLASS_LOSS_WEIGHT, args.warmup, alpha_bar, autocast, args.seed + 10, "class model"), args.retrain)
     return unet.eval().requires_grad_(False), config, log
-def loss_weight(kind, ab):
-    """The weight on a sample's v error: v's error is (1 + SNR) x the x_0 error. "none" keeps that; "min-snr" (04,
-    the class model) makes it min(SNR, 5), which starves the noisiest t, where colour is decided; "min-snr+1" clamps
-    SNR inside v's own weight, 1 + min(SNR, 5): 1 on v's error where SNR <= 5, 6 / (1 + SNR) above (the text model)."""
-    snr = ab / (1 - ab)
-    return {"none": torch.ones_like(ab), "min-snr": min_snr_weight(ab),
-            "min-snr+1": (snr.clamp(max=5.0) + 1) / (snr + 1)}[kind]
-
+def new_text_model(args, tokenizer):  # the UNet with cross-attention (no labels), and the text encoder
+    return TextToImage(UNet(base_ch=args.base_ch, ch_mult=CH_MULT, ctx_dim=args.text_width), TextEncoder(
+        len(tokenizer.vocab), tokenizer.length, args.text_width, args.text_layers))
 def text_model(args, class_unet, class_config, data, train_idx, tokenizer, alpha_bar, autocast):
     """UNet with cross-attention + text encoder -> (model, log, the null condition: empty caption [L])."""
     text_idx = text_training_set(data[2], train_idx, HOLDOUT)
     torch.manual_seed(args.seed + 2)
-    model = TextToImage(UNet(base_ch=args.base_ch, ch_mult=CH_MULT, ctx_dim=args.text_width), TextEncoder(
-        len(tokenizer.vocab), tokenizer.length, args.text_width, args.text_layers)).to(alpha_bar.device)
-    y_null = tokenizer.encode([""])[0]  # [L]: START, then padding
+    model, y_null = new_text_model(args, tokenizer).to(alpha_bar.device), tokenizer.encode([""])[0]  # START, padding
     if TEXT_INIT == "class":
         warm_start(model.unet, class_unet)
     config = dict(class_config, what="text", loss_weight=args.text_loss_weight, steps=args.text_steps,
@@ -255,125 +250,115 @@ def text_model(args, class_unet, class_config, data, train_idx, tokenizer, alpha
     print(f"text model: UNet + encoder {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
           f"{len(text_idx)} training captions (held-out pairs removed: {', '.join(' '.join(p) for p in HOLDOUT)})")
     log = train_or_load(os.path.join(args.run_dir, "text.pt"), config, model, lambda: train_diffusion(
-        model, lambda gen: batch(gen, data, text_idx, args.batch_size, tokenizer), y_null, args.text_steps,
-        args.text_loss_weight, args.warmup, alpha_bar, autocast, torch.Generator().manual_seed(args.seed + 20),
-        "text model"), args.retrain)
+        model, lambda g: batch(g, data, text_idx, args.batch_size, tokenizer), y_null, args.text_steps,
+        args.text_loss_weight, args.warmup, alpha_bar, autocast, args.seed + 20, "text model"), args.retrain)
     return model.eval().requires_grad_(False), log, y_null
-def classifiers(args, data, train_idx, alpha_bar):
-    """p(y | x_t, t) for classifier guidance, and a clean classifier that judges samples (accuracy, FD)."""
+def classifiers(args, data, train_idx, alpha_bar):  # p(y | x_t, t) for classifier guidance; the judge of samples
     x, y, device, K, seed = data[0][train_idx], data[1][train_idx], alpha_bar.device, len(SHAPES), args.seed
     n_noisy, n_clf, config = args.noisy_clf_steps, args.clf_steps, dict(n_images=len(data[0]), seed=seed)
-    def fresh(train_fn, steps):  # initial weights from the seed alone, not from what ran (or was reused) before
-        torch.manual_seed(seed)
-        return dict(model=train_fn().state_dict(), step=steps)
-    noisy = NoisyClassifier(K).to(device)
-    train_or_load(os.path.join(args.run_dir, "noisy_classifier.pt"), dict(what="noisy", **config, steps=n_noisy), noisy,
-                  lambda: fresh(lambda: train_noisy_classifier(x, y, K, alpha_bar, device, n_noisy, seed), n_noisy),
-                  args.retrain)
-    clf = Classifier(3, K).to(device)  # the judge
+    noisy, clf = NoisyClassifier(K).to(device), Classifier(3, K).to(device)  # clf: the judge
+    train_or_load(os.path.join(args.run_dir, "noisy_classifier.pt"), dict(what="noisy", **config, steps=n_noisy),
+                  noisy, lambda: train_noisy_classifier(x, y, K, alpha_bar, device, n_noisy, seed), args.retrain)
     train_or_load(os.path.join(args.run_dir, "classifier.pt"), dict(what="judge", **config, steps=n_clf), clf,
-                  lambda: fresh(lambda: train_classifier(x, y, K, device, n_clf, seed), n_clf), args.retrain)
+                  lambda: train_classifier(x, y, K, device, n_clf, seed), args.retrain)
     return noisy.eval().requires_grad_(False), clf.eval()
-def text_sample(args, model, y_null, tokens, alpha_bar, autocast, seed):
-    """Images for tokens [N, L], classifier-free guided at TEXT_SCALE, from the noise of seed."""
+def sample(fn, cond, seed, pred, alpha_bar, steps, autocast, batch=100):  # 04's DDIM from seed's noise, 100 at a time
+    noise = torch.randn(len(cond), 3, 32, 32, generator=torch.Generator().manual_seed(seed))  # fn(x, t, cond) -> pred
+    return torch.cat([ddim_sample(lambda x, t: fn(x, t, cond[i:i + batch].to(x.device)), noise[i:i + batch].to(
+        alpha_bar.device), alpha_bar, steps, pred, autocast).clamp(-1, 1).cpu() for i in range(0, len(cond), batch)])
+def text_sample(args, model, y_null, tokens, alpha_bar, autocast, seed):  # tokens [N, L] -> images, CFG at TEXT_SCALE
     return sample(lambda x, t, c: guided_eps(model, x, t, c, TEXT_SCALE, y_null), tokens, seed, PRED, alpha_bar,
                   args.sample_steps, autocast)
+def run_cost(args, tokenizer):
+    """Lesson 04's FLOP count, for this run from scratch (a reused model costs none), an image at a time: training
+    3 forwards, a DDIM step 1 (2 for CFG past s = 1; classifier guidance adds the classifier's forward and gradient)."""
+    x, t, K = torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long), len(SHAPES)
+    unet, clf = flops(UNet(base_ch=args.base_ch, ch_mult=CH_MULT, num_classes=K), x, t, t), flops(Classifier(3, K), x)
+    text, n = flops(new_text_model(args, tokenizer), x, t, tokenizer.encode([""])), K * args.eval_per_class
+    n_text = args.n_prompt if args.prompt is not None else K * len(COLORS) * args.text_per_prompt + 10 * args.grid_cols
+    parts = {"class model": 3 * unet * args.batch_size * args.steps,
+             "text model": 3 * text * args.batch_size * args.text_steps}
+    if args.prompt is None:  # the classifiers train on batches of 128 (the noisy one twice), then read ~30 sets of n
+        cg = [s for s in args.cg_scales if s > 0 or 0 not in args.scales]  # CG at s = 0 reuses CFG's samples
+        parts["classifiers"] = clf * (3 * 128 * (args.clf_steps + 2 * args.noisy_clf_steps) + 30 * n)
+        parts["guidance"] = n * args.sample_steps * (unet * (sum(1 + (s not in (0, 1)) for s in args.scales) + len(cg))
+                                                     + 2 * clf * sum(s > 0 for s in cg))
+    parts["text sampling"] = text * args.sample_steps * (1 + (TEXT_SCALE not in (0, 1))) * n_text  # table + 10-row grid
+    total = sum(parts.values())
+    print(f"this run computes {total / 1e12:.1f} TFLOP (" + ", ".join(f"{k} {v / 1e12:.1f}" for k, v in parts.items())
+          + f"): about {total / SLOW_CPU_FLOPS / 60:.0f} min on a 2-core CPU without bf16 units")
 
 # %% Experiment 1: guidance measured, both methods, the same noises at every scale
-def judge(clf, x, y, real_feats):
-    """-> (accuracy, per-class accuracies, FD against real_feats) of samples x asked to be classes y."""
-    feats, pred = features_and_classes(clf, x, next(clf.parameters()).device)
-    per_class = [(pred[y == c] == c).float().mean().item() for c in y.unique().tolist()]
-    return (pred == y).float().mean().item(), per_class, frechet_distance(feats, real_feats)
 @torch.no_grad()
-def guidance_table(args, unet, noisy, clf, data, held, train_idx, alpha_bar, autocast):
-    """Prints the judge, the noisy classifier by t and the trade-off table -> the samples of both methods."""
+def measure_guidance(args, unet, noisy, clf, data, held, alpha_bar, autocast):
+    """Prints the judge, the noisy classifier by t and the trade-off table (accuracy and FD per method and scale);
+    writes 06_cfg_grid.png and 06_classifier_guidance.png, a row per class and m samples per scale."""
     t1, device, K, epc = time.time(), alpha_bar.device, len(SHAPES), args.eval_per_class
     real, y_real = to_unit(data[0][held[:epc * K]]), data[1][held[:epc * K]]
     real_feats, real_pred = features_and_classes(clf, real, device)
-    g, x0, acc_by_t = torch.Generator().manual_seed(args.seed + 5), real[:500].to(device), []
+    g, x0, acc_by_t, per_class = torch.Generator().manual_seed(args.seed + 5), real[:500].to(device), [], {}
     for t in (0, 250, 500, 750, 900):  # the noisy classifier's accuracy on held-out x_t, by t
         tt = torch.full((len(x0),), t, device=device)
         said = noisy(q_sample(x0, tt, alpha_bar, torch.randn(x0.shape, generator=g).to(device)), tt).argmax(1)
         acc_by_t.append(f"t={t} {(said.cpu() == y_real[:len(x0)]).float().mean():.0%}")
     fd = lambda x: frechet_distance(features_and_classes(clf, x, device)[0], real_feats)  # on the judge's features
-    floor = fd(to_unit(data[0][held[epc * K:2 * epc * K]]))  # two held-out halves, as in 04
-    ceiling = fd(torch.randn(real.shape, generator=g).clamp(-1, 1))
+    floor, ceil = fd(to_unit(data[0][held[epc * K:2 * epc * K]])), fd(torch.randn(real.shape, generator=g).clamp(-1, 1))
     print(f"judge: accuracy on held-out real {(real_pred == y_real).float().mean():.1%} | noisy classifier accuracy "
           f"by t: {', '.join(acc_by_t)} | {time.time() - t1:.0f} s")
-    t1, y = time.time(), torch.arange(K).repeat_interleave(epc)  # class-major labels [K * epc]
+    t1, y, m = time.time(), torch.arange(K).repeat_interleave(epc), min(3, epc)  # class-major labels [K * epc]
     draw = lambda fn, pred: sample(fn, y, args.seed + 777, pred, alpha_bar, args.sample_steps, autocast)
     cfg = {s: draw(lambda x, t, c: guided_eps(unet, x, t, c, s), PRED) for s in args.scales}  # the v output guided
     cg = {s: cfg[0] if s == 0 and 0 in cfg else draw(  # eps, pushed along the noisy classifier's gradient
         lambda x, t, c: classifier_guided_eps(unet, noisy, x, t, c, s, alpha_bar), "eps") for s in args.cg_scales}
-    samples = {"classifier-free": cfg, "classifier": cg}  # (CG at scale 0: the unconditional model, as CFG's)
     print(f"\nguidance measured ({epc} samples per class and scale, DDIM {args.sample_steps} steps; "
-          f"{time.time() - t1:.0f} s). FD floor (real vs real) {floor:.2f}, ceiling (noise) {ceiling:.1f}")
+          f"{time.time() - t1:.0f} s). FD floor (real vs real) {floor:.2f}, ceiling (noise) {ceil:.1f}")
     print(f"{'method':>15} {'scale':>6} {'accuracy':>9} {'worst class':>12} {'FD':>7} {'guide says':>11}")
-    for name, by_scale in samples.items():
-        for s, x in by_scale.items():
-            (acc, per, fd_x), guide = judge(clf, x, y, real_feats), ""
-            if name == "classifier":  # how often the guiding classifier itself sees the class it pushed towards
-                said = noisy(x.to(device), torch.zeros(len(x), dtype=torch.long, device=device)).argmax(1).cpu()
-                guide = f"{(said == y).float().mean():11.1%}"
-            print(f"{name:>15} {s:6g} {acc:9.1%} {min(per):12.1%} {fd_x:7.2f} {guide}")
-    if 3.0 in cfg:
-        per = judge(clf, cfg[3.0], y, real_feats)[1]
+    guide = lambda x: f"{(noisy(x.to(device), 0 * y.to(device)).argmax(1).cpu() == y).float().mean():11.1%}"  # at t=0
+    for name, xs, file in (("classifier-free", cfg, "cfg_grid"), ("classifier", cg, "classifier_guidance")):
+        for s, x in xs.items():  # (CG at scale 0: the unconditional model, as CFG's)
+            feats, said = features_and_classes(clf, x, device)
+            per_class[name, s] = per = [(said[y == c] == c).float().mean().item() for c in range(K)]
+            print(f"{name:>15} {s:6g} {(said == y).float().mean():9.1%} {min(per):12.1%} "
+                  f"{frechet_distance(feats, real_feats):7.2f} " + (guide(x) if name == "classifier" else ""))
+        grid(f"{args.out}/06_{file}.png", torch.cat([b[k * epc:k * epc + m] for k in range(K) for b in xs.values()]),
+             m * len(xs), f"{name} guidance: a row per class, {m} samples per scale (the same {m} noises at every scale"
+             + ("" if xs is cfg else " and in 06_cfg_grid.png") + ")", SHAPES, [f"s = {s:g}" for s in xs], scale=2)
+    if per := per_class.get(("classifier-free", 3.0)):
         print(f"target (CFG scale 3, every class >= 95%): {'met' if min(per) >= 0.95 - 1e-6 else 'NOT met'}: "
               + ", ".join(f"{c} {a:.0%}" for c, a in zip(SHAPES, per)))
-    return samples
-def save_guidance_figures(out, samples, epc):
-    """06_cfg_grid.png, 06_classifier_guidance.png: a row per class, m samples per scale."""
-    m = min(3, epc)
-    for name, file in (("classifier-free", "06_cfg_grid.png"), ("classifier", "06_classifier_guidance.png")):
-        x = torch.cat([b[k * epc:k * epc + m] for k in range(len(SHAPES)) for b in samples[name].values()])
-        title = (f"{name} guidance: a row per class, {m} samples per scale (the same {m} noises at every scale"
-                 + (" and in 06_cfg_grid.png)" if name == "classifier" else ")"))
-        grid(os.path.join(out, file), x, m * len(samples[name]), title, SHAPES, [f"s = {s:g}" for s in samples[name]],
-             scale=2)
 
 # %% Experiment 2: text, on the colour-shape pairs it saw and on the held-out ones
-def colour_of(x):
-    """[B, 3, H, W] -> [B] into COLORS: mean RGB of the brighter pixels, nearest palette colour by cosine."""
+def colour_of(x):  # [B, 3, H, W] -> [B] into COLORS: mean RGB of the brighter pixels, nearest palette colour by cosine
     u = (x.clamp(-1, 1) + 1) / 2
-    bright = u.amax(1)  # [B, H, W]
-    mask = (bright >= 0.5 * bright.flatten(1).amax(1).view(-1, 1, 1)).float()
+    mask = (u.amax(1) >= 0.5 * u.amax((1, 2, 3))[:, None, None]).float()  # pixels at least half the brightest [B, H, W]
     mean = (u * mask[:, None]).sum((2, 3)) / mask.sum((1, 2))[:, None]  # [B, 3]
-    rgb = torch.tensor(list(COLORS.values()), dtype=torch.float32)  # [6, 3]
-    return F.cosine_similarity(mean[:, None], rgb[None], dim=2).argmax(1)
-def text_table(args, model, y_null, clf, data, held, tokenizer, alpha_bar, autocast):
-    """Shape accuracy (by the judge) and colour accuracy (from the pixels) of 'a COLOUR SHAPE', all pairs."""
-    t1, n, real = time.time(), args.text_per_prompt, held[:args.eval_per_class * len(SHAPES)]
-    real_ok = colour_of(to_unit(data[0][real])) == torch.tensor([list(COLORS).index(data[2][i].split()[2])
-                                                                 for i in real.tolist()])
-    pairs = [(c, s) for s in SHAPES for c in COLORS]
-    x = text_sample(args, model, y_null, tokenizer.encode([f"a {c} {s}" for c, s in pairs for _ in range(n)]),
-                    alpha_bar, autocast, args.seed + 555)
-    shape, colour = features_and_classes(clf, x, alpha_bar.device)[1], colour_of(x)
-    want_shape = torch.tensor([SHAPES.index(s) for _, s in pairs]).repeat_interleave(n)
-    want_colour = torch.tensor([list(COLORS).index(c) for c, _ in pairs]).repeat_interleave(n)
-    unseen = torch.tensor([p in HOLDOUT for p in pairs]).repeat_interleave(n)
-    print(f"\ntext model, 'a COLOUR SHAPE' prompts, {n} samples each, guidance scale {TEXT_SCALE:g} "
-          f"({time.time() - t1:.0f} s); colour read from pixels (exact on real images: "
-          f"{real_ok.float().mean():.1%}), shape by the judge")
+    return F.cosine_similarity(mean[:, None], torch.tensor(list(COLORS.values()))[None].float(), dim=2).argmax(1)
+def measure_text(args, model, y_null, clf, data, held, tokenizer, alpha_bar, autocast):
+    """Shape (judge) and colour (pixels) accuracy of 'a COLOUR SHAPE', seen and held out; writes 06_text_grid.png."""
+    t1, n, real = time.time(), args.text_per_prompt, held[:args.eval_per_class * len(SHAPES)].tolist()
+    exact = (colour_of(to_unit(data[0][real])) == torch.tensor([list(COLORS).index(data[2][i].split()[2])
+                                                                for i in real])).float().mean()  # on real images
+    asked = [(c, s) for s in SHAPES for c in COLORS for _ in range(n)]  # n samples of each 'a COLOUR SHAPE'
+    x = text_sample(args, model, y_null, tokenizer.encode([f"a {c} {s}" for c, s in asked]), alpha_bar, autocast,
+                    args.seed + 555)
+    shape, colour = features_and_classes(clf, x, alpha_bar.device)[1].tolist(), colour_of(x).tolist()
+    ok = torch.tensor([[SHAPES[a] == s, list(COLORS)[b] == c] for (c, s), a, b in zip(asked, shape, colour)])
+    unseen = torch.tensor([p in HOLDOUT for p in asked])
+    print(f"\ntext model, 'a COLOUR SHAPE' prompts, {n} samples each, guidance scale {TEXT_SCALE:g} ("
+          f"{time.time() - t1:.0f} s); colour read from pixels (exact on real images: {exact:.1%}), shape by the judge")
     print(f"{'prompts':>16} {'n':>5} {'shape acc':>10} {'colour acc':>11} {'both':>6}")
     for name, sel in (("seen", ~unseen), ("unseen (held out)", unseen)):
-        ok_s, ok_c = shape[sel] == want_shape[sel], colour[sel] == want_colour[sel]
-        print(f"{name:>16} {int(sel.sum()):5d} {ok_s.float().mean():10.1%} {ok_c.float().mean():11.1%} "
-              f"{(ok_s & ok_c).float().mean():6.1%}")
+        acc = ok[sel].float().mean(0)  # shape, colour
+        print(f"{name:>16} {int(sel.sum()):5d} {acc[0]:10.1%} {acc[1]:11.1%} {ok[sel].all(1).float().mean():6.1%}")
     for c, s in HOLDOUT:
-        sel = torch.tensor([p == (c, s) for p in pairs]).repeat_interleave(n)
-        got = [f"{SHAPES[a]}/{list(COLORS)[b]}" for a, b in zip(shape[sel].tolist(), colour[sel].tolist())]
+        got = [f"{SHAPES[a]}/{list(COLORS)[b]}" for p, a, b in zip(asked, shape, colour) if p == (c, s)]
         print(f"  'a {c} {s}' (unseen) drew (shape/colour): {', '.join(got)}")
-def save_text_grid(args, model, y_null, tokenizer, alpha_bar, autocast):
-    """06_text_grid.png: a row of grid_cols samples per prompt, the held-out pairs marked."""
     shows = ["a large blue star", "a small yellow circle at the top left", "a red square in the centre",
              "a cyan triangle at the bottom", "a green cross at the right"] + [f"a {c} {s}" for c, s in HOLDOUT]
     x = text_sample(args, model, y_null, tokenizer.encode([p for p in shows for _ in range(args.grid_cols)]),
                     alpha_bar, autocast, args.seed + 556)
-    rows = [p + (" (unseen pair)" if any(f" {c} {s}" in p for c, s in HOLDOUT) else "") for p in shows]
-    grid(os.path.join(args.out, "06_text_grid.png"), x, args.grid_cols,
-         f"text-conditional samples, guidance scale {TEXT_SCALE:g}", rows)
+    grid(f"{args.out}/06_text_grid.png", x, args.grid_cols, f"text-conditional samples, guidance scale {TEXT_SCALE:g}",
+         [p + (" (unseen pair)" if any(f" {c} {s}" in p for c, s in HOLDOUT) else "") for p in shows])
 def save_losses(out, class_losses, text_losses, text_loss_weight):
     """06_loss.png: both training losses, each averaged over windows of len // 100 steps, on a log axis."""
     series = []
@@ -394,37 +379,35 @@ def main(argv=None):
         prompt_tokens = tokenizer.encode([args.prompt or ""] * args.n_prompt)
     except ValueError as e:
         fail(f"--prompt: {e}")
-    n_hold = min(len(data[0]) // 5, 2000)  # held-out real images for the metrics, the rest for training
-    perm = torch.randperm(len(data[0]), generator=torch.Generator().manual_seed(args.seed))
-    held, train_idx = perm[:n_hold], perm[n_hold:]
+    n, n_hold = len(data[0]), min(len(data[0]) // 5, 2000)  # held-out real images for the metrics, the rest to train
+    held, train_idx = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed)).tensor_split([n_hold])
     alpha_bar = alpha_bar_of(cosine_betas(T)).to(device)
-    os.makedirs(args.run_dir, exist_ok=True)
-    os.makedirs(args.out, exist_ok=True)
+    for folder in (args.run_dir, args.out):
+        os.makedirs(folder, exist_ok=True)
     print(f"shapes: {len(train_idx)} training images (3, 32, 32), {len(SHAPES)} classes, {n_hold} held out | "
           f"{device}, {precision} | pred {PRED}, cosine schedule")
     run_cost(args, tokenizer)
     unet, class_config, class_log = class_model(args, data, train_idx, alpha_bar, autocast)
     if args.prompt is not None:  # only draw from one caption
-        text, _, y_null = text_model(args, unet, class_config, data, train_idx, tokenizer, alpha_bar, autocast)
+        model, _, y_null = text_model(args, unet, class_config, data, train_idx, tokenizer, alpha_bar, autocast)
         path = os.path.join(args.out, "06_prompt.png")
-        grid(path, text_sample(args, text, y_null, prompt_tokens, alpha_bar, autocast, args.seed + 999),
+        grid(path, text_sample(args, model, y_null, prompt_tokens, alpha_bar, autocast, args.seed + 999),
              min(8, args.n_prompt), f"'{args.prompt}' (guidance scale {TEXT_SCALE:g})")
         print(f"wrote {path}")
         return
     noisy, clf = classifiers(args, data, train_idx, alpha_bar)
-    samples = guidance_table(args, unet, noisy, clf, data, held, train_idx, alpha_bar, autocast)
-    save_guidance_figures(args.out, samples, args.eval_per_class)
-    text, text_log, y_null = text_model(args, unet, class_config, data, train_idx, tokenizer, alpha_bar, autocast)
-    text_table(args, text, y_null, clf, data, held, tokenizer, alpha_bar, autocast)
-    save_text_grid(args, text, y_null, tokenizer, alpha_bar, autocast)
+    measure_guidance(args, unet, noisy, clf, data, held, alpha_bar, autocast)
+    model, text_log, y_null = text_model(args, unet, class_config, data, train_idx, tokenizer, alpha_bar, autocast)
+    measure_text(args, model, y_null, clf, data, held, tokenizer, alpha_bar, autocast)
     if class_log.get("losses") and text_log.get("losses"):  # (a reused model has its log)
         save_losses(args.out, class_log["losses"], text_log["losses"], args.text_loss_weight)
     print(f"total {(time.time() - t_start) / 60:.1f} min; wrote 06_cfg_grid.png, 06_classifier_guidance.png, "
           f"06_text_grid.png, 06_loss.png to {args.out}/")
 def parse_args(argv=None):
     argv = [] if argv is None and "ipykernel" in sys.modules else argv  # in Jupyter, sys.argv is the kernel's
-    p = Parser(description="Lesson 06: class labels, guidance and text, trained from scratch.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Lesson 06: class labels, guidance and text, trained from scratch.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda message: fail(f"{message} (see --help)")  # one line and exit status 2, not argparse's usage block
     a = p.add_argument
     a("--steps", type=int, default=3000, help="training steps of the class-conditional UNet")
     a("--scales", type=scale_list, default="0,1,3,5", help="CFG scales (0: unconditional, 1: conditional)")
@@ -442,16 +425,15 @@ def parse_args(argv=None):
         fail(f"--steps must be positive (got {args.steps})")
     vars(args).update(SETTINGS, **(QUICK if args.quick else {}))
     if args.quick:  # tiny settings; a smoke test never writes over the default figures and models
-        args.steps = min(args.steps, 12)
-        args.out = "runs/quick" if args.out == "figures" else args.out
+        args.steps, args.out = min(args.steps, 12), "runs/quick" if args.out == "figures" else args.out
         args.run_dir = os.path.join("runs", "quick", "06") if args.run_dir == "runs/06" else args.run_dir
     return args
 
 # %% Appendix: pieces from earlier lessons
-def train_diffusion(model, batch_fn, y_null, steps, weight, warmup, alpha_bar, autocast, gen, name):
+def train_diffusion(model, batch_fn, y_null, steps, weight, warmup, alpha_bar, autocast, seed, name):
     """Lesson 04's training loop plus label dropout; batch_fn(gen) -> (x_0, labels or tokens) -> checkpoint."""
     ema, opt = copy.deepcopy(model).requires_grad_(False), torch.optim.AdamW(model.parameters(), LR, weight_decay=0.0)
-    losses, t0 = [], time.time()
+    losses, t0, gen = [], time.time(), torch.Generator().manual_seed(seed)
     for step in range(steps):
         x0, y = (a.to(alpha_bar.device) for a in batch_fn(gen))
         y = drop_condition(y, y_null, P_UNCOND, gen)  # classifier-free guidance needs the null condition
@@ -460,8 +442,8 @@ def train_diffusion(model, batch_fn, y_null, steps, weight, warmup, alpha_bar, a
         for group in opt.param_groups:  # a linear warmup, then a cosine from LR to 0 (lesson 04's learning_rate)
             group["lr"] = LR * min(1.0, (step + 1) / max(1, warmup)) * (1 + math.cos(math.pi * step / steps)) / 2
         with autocast():
-            out = model(q_sample(x0, t, alpha_bar, eps), t, y)
-        per_sample = (out.float() - v_target(x0, eps, ab)).square().mean((1, 2, 3))  # [B]; PRED is "v"
+            out = model(q_sample(x0, t, alpha_bar, eps), t, y)  # v (PRED)
+        per_sample = (out.float() - v_target(x0, eps, ab)).square().mean((1, 2, 3))  # [B]
         loss = (loss_weight(weight, ab.view(-1)) * per_sample).mean()
         if not torch.isfinite(loss):
             sys.exit(f"\n{name}: loss is {loss.item()} at step {step}; lower LR (now {LR:g})")
@@ -478,57 +460,19 @@ def train_diffusion(model, batch_fn, y_null, steps, weight, warmup, alpha_bar, a
             print(f"\r{name}: step {step + 1}/{steps}  loss {sum(losses[-10:]) / len(losses[-10:]):.4f}  "
                   f"{rate:.0f} img/s  ETA {(steps - step - 1) * len(x0) / rate / 60:.1f} min ", end="", flush=True)
     print(f"\n{name}: trained {steps} steps in {(time.time() - t0) / 60:.1f} min")
-    return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": steps,
+    return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
             "rng": {"train": gen.get_state()}, "log": {"losses": losses, "seconds": time.time() - t0}}
-def train_or_load(path, config, module, train_fn, retrain):  # 04's checkpoints: reuse path's EMA, or train and save
-    try:  # none there, or unreadable: train
-        ckpt = None if retrain else torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        ckpt = None
-    if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT and ckpt.get("config") == config:
-        print(f"reusing {path} ({ckpt.get('step')} steps, the same settings; --retrain to train again)")
-    else:
-        ckpt = dict(format=FORMAT, config=config, **train_fn())
-        torch.save(ckpt, path + ".tmp")
-        os.replace(path + ".tmp", path)  # atomic: a crash mid-write never leaves a half checkpoint at `path`
-    module.load_state_dict(ckpt.get("ema", ckpt["model"]))
-    return ckpt.get("log", {})
-def run_cost(args, tokenizer):
-    """Lesson 04's FLOP count, for this run from scratch (a reused model costs none), an image at a time: training
-    3 forwards, a DDIM step 1 (2 for CFG past s = 1; classifier guidance adds the classifier's forward and gradient)."""
-    def flops(net, *inputs):  # FLOPs of one call, counted by PyTorch: a multiply-add counts 2 (lesson 03)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            net(*inputs)
-        return counter.get_total_flops()
-    x, t, K = torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long), len(SHAPES)
-    n, pairs = K * args.eval_per_class, K * len(COLORS)  # images per guidance setting; 'a COLOUR SHAPE' prompts
-    unet, clf = flops(UNet(base_ch=args.base_ch, ch_mult=CH_MULT, num_classes=K), x, t, t), flops(Classifier(3, K), x)
-    text = flops(TextToImage(UNet(base_ch=args.base_ch, ch_mult=CH_MULT, ctx_dim=args.text_width), TextEncoder(
-        len(tokenizer.vocab), tokenizer.length, args.text_width, args.text_layers)), x, t, tokenizer.encode([""]))
-    parts = {"class model": 3 * unet * args.batch_size * args.steps,
-             "text model": 3 * text * args.batch_size * args.text_steps}
-    if args.prompt is None:  # the classifiers train on batches of 128 (the noisy one twice), then read ~30 sets of n
-        cg = [s for s in args.cg_scales if s > 0 or 0 not in args.scales]  # CG at s = 0 reuses CFG's samples
-        parts["classifiers"] = clf * (3 * 128 * (args.clf_steps + 2 * args.noisy_clf_steps) + 30 * n)
-        parts["guidance"] = n * args.sample_steps * (unet * (sum(1 + (s not in (0, 1)) for s in args.scales) + len(cg))
-                                                     + 2 * clf * sum(s > 0 for s in cg))
-    n_text = args.n_prompt if args.prompt is not None else pairs * args.text_per_prompt + 10 * args.grid_cols  # grid
-    parts["text sampling"] = text * args.sample_steps * (1 + (TEXT_SCALE not in (0, 1))) * n_text
-    total = sum(parts.values())
-    print(f"this run computes {total / 1e12:.1f} TFLOP (" + ", ".join(f"{k} {v / 1e12:.1f}" for k, v in parts.items())
-          + f"): about {total / SLOW_CPU_FLOPS / 60:.0f} min on a 2-core CPU without bf16 units")
-def sample(fn, cond, seed, pred, alpha_bar, steps, autocast, batch=100):  # DDIM from seed's noise, 100 at a time
-    noise = torch.randn(len(cond), 3, 32, 32, generator=torch.Generator().manual_seed(seed))  # fn(x, t, cond): pred
-    return torch.cat([ddim_sample(lambda x, t: fn(x, t, cond[i:i + batch].to(x.device)), noise[i:i + batch].to(
-        alpha_bar.device), alpha_bar, steps, pred, autocast).clamp(-1, 1).cpu() for i in range(0, len(cond), batch)])
+def flops(net, *inputs):  # FLOPs of one call, counted by PyTorch: a multiply-add counts 2 (lesson 03)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(*inputs)
+    return counter.get_total_flops()
 @torch.no_grad()
 def ddim_sample(model, x, alpha_bar, steps, pred, autocast=nullcontext):  # deterministic DDIM, x0 clipped (lesson 04)
     ts = torch.linspace(len(alpha_bar) - 1, 0, steps).round().long().tolist()  # t_i = round(i (T-1) / (steps-1))
     for i, t in enumerate(ts):
         ab = alpha_bar[t].to(x.device, torch.float32).view(1, 1, 1, 1)
-        with autocast():
-            out = model(x, torch.full((len(x),), t, device=x.device, dtype=torch.long))
-        out = out.float()  # v, or eps (classifier guidance) -> x0_hat
+        with autocast():  # out: v, or eps (classifier guidance) -> x0_hat
+            out = model(x, torch.full((len(x),), t, device=x.device, dtype=torch.long)).float()
         x0 = (eps_x0_of_v(out, x, ab)[1] if pred == "v" else (x - (1 - ab).sqrt() * out) / ab.sqrt()).clamp(-1, 1)
         eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # keep eps consistent with the clipped x0
         ab_next = alpha_bar[ts[i + 1]].item() if i + 1 < len(ts) else 1.0  # the last step lands on x_0
@@ -682,20 +626,14 @@ def to_unit(images):  # uint8 [0, 255] -> float [-1, 1], the range diffusion mod
     return images.float() / 127.5 - 1
 def to_uint8(x):  # float [-1, 1] -> uint8 [0, 255], values outside clipped (lesson 01)
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-class Parser(argparse.ArgumentParser):  # a user's mistake: one line and exit status 2 (every lesson)
-    def error(self, message):
-        fail(f"{message} (see --help)")
 def fail(message):  # one line naming the fix, exit status 2, no traceback (every lesson)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 def scale_list(text):  # argparse type: '0,1,3' -> [0.0, 1.0, 3.0]; anything else is a one-line error
-    try:
-        values = [float(s) for s in text.split(",")]
-        if all(s >= 0 and math.isfinite(s) for s in values):
-            return values
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"must be numbers >= 0 separated by commas, like 0,1,3 (got {text!r})")
+    values = [float(s) for s in text.split(",")]  # (argparse reports a ValueError in one line: "invalid ... value")
+    if not all(s >= 0 and math.isfinite(s) for s in values):
+        raise argparse.ArgumentTypeError(f"must be numbers >= 0 separated by commas, like 0,1,3 (got {text!r})")
+    return values
 def pick_device(name):  # auto: cuda, then mps, then cpu; a device that is not there exits 2 (every lesson)
     have = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     name = next(d for d in have if have[d]) if name == "auto" else name
@@ -703,8 +641,7 @@ def pick_device(name):  # auto: cuda, then mps, then cpu; a device that is not t
         fail(f"--device {name} was asked for but {name.upper()} is not available; use --device cpu (or auto)")
     return torch.device(name)
 def autocast_for(device):  # -> (autocast, name): bf16 on CUDA (TF32 on) and on CPUs with bf16 units, else fp32 (04)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = device.type == "cuda"
     units = any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     if not (torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and units):
         return nullcontext, "fp32"  # (on plain AVX-512 without AVX512-BF16 or AMX, bf16 is emulated: slower)
@@ -714,7 +651,7 @@ def grid(path, x, nrow, title, row_labels=(), col_labels=(), scale=3):  # x floa
     g = make_grid(to_uint8(x), nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy()  # [H', W', 3]
     img = Image.fromarray(g).resize((g.shape[1] * scale, g.shape[0] * scale), Image.Resampling.NEAREST)  # crisp
     f, top = ImageFont.load_default(size=14), 50 if col_labels else 32
-    left = max((int(f.getlength(s)) for s in row_labels), default=0) + 12 if row_labels else 8
+    left = max((int(f.getlength(s)) + 12 for s in row_labels), default=8)
     canvas = Image.new("RGB", (img.width + left + 8, img.height + top + 8), "white")
     canvas.paste(img, (left, top))
     d = ImageDraw.Draw(canvas)
