@@ -42,7 +42,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 DATASETS = ("moons", "spiral", "8gaussians", "checkerboard")
 BATCH, LR, WIDTH = 256, 2e-3, 128  # Adam batch size and learning rate (cosine-decayed to 0), MLP width
-N_TRAIN, N_SAMPLES = 20_000, 2000  # training set per dataset; samples drawn to measure the distance
+N_TRAIN, N_SAMPLES = 20_000, 1000  # training set per dataset; samples drawn to measure the distance
 
 
 # %% The posterior q(x_{t-1} | x_t, x_0) and the eps <-> x_0 conversions
@@ -325,8 +325,6 @@ def figure_losses(res, args):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # matrices this small gain nothing from more threads, and lose a lot when shared
     torch.manual_seed(args.seed)
     try:
         os.makedirs(args.out, exist_ok=True)
@@ -358,7 +356,7 @@ def parse_args(argv=None):
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine"], help="noise schedule (lesson 01)")
     p.add_argument("--sigma", default="beta_tilde", choices=["beta", "beta_tilde"], help="sigma_t^2 of the figures")
     p.add_argument("--T", type=int, default=1000, help="number of diffusion steps")
-    p.add_argument("--steps", type=int, default=5000, help="training steps per dataset")
+    p.add_argument("--steps", type=int, default=3000, help="training steps per dataset")
     p.add_argument("--n-memo", type=int, default=200, help="training set size of the memorisation experiment")
     p.add_argument("--samples-out", help="also save the first dataset's samples (float [N, 2]) to this .pt file")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, mps, cpu")
