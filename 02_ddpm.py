@@ -369,7 +369,7 @@ def parse_args(argv=None):
             fail(f"--{name.replace('_', '-')} must be at least {least} (got {getattr(args, name)}); the default works")
     args.n_train, args.n_samples = (2000, 100) if args.quick else (N_TRAIN, N_SAMPLES)
     if args.quick:  # and never over the default figures: runs/quick/ unless --out says otherwise
-        args.steps, args.n_memo = min(args.steps, 100), min(args.n_memo, 100)
+        args.steps, args.n_memo, args.T = min(args.steps, 100), min(args.n_memo, 100), min(args.T, 200)
     args.out = args.out or (os.path.join("runs", "quick") if args.quick else "figures")
     return args
 

@@ -16,9 +16,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 _loaded = {}
+# `pytest -n 2` (pytest-xdist) runs the tests in 2 processes: each then gets its share of the cores, so that
+# torch's threads in one do not fight the other's (on 2 cores: 1 thread each, in-process and in subprocesses)
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, (os.cpu_count() or 1) // WORKERS) if WORKERS > 1 else 2
+if WORKERS > 1:
+    torch.set_num_threads(THREADS)
 
 
 def load_script(name):
@@ -36,7 +43,7 @@ def load_script(name):
 def run_script(name, *args, timeout=600, cwd=None, env=None):
     """Run `python <name>.py args...` in a subprocess; return (exit status, stdout, stderr)."""
     full_env = dict(os.environ)
-    full_env.setdefault("OMP_NUM_THREADS", "2")
+    full_env.setdefault("OMP_NUM_THREADS", str(THREADS))
     if env:
         full_env.update(env)
     proc = subprocess.run([sys.executable, str(ROOT / f"{name}.py"), *map(str, args)],

@@ -163,7 +163,7 @@ def test_quick_never_writes_over_the_default_figures(m):
     assert m.parse_args([]).out == "figures"
     quick = m.parse_args(["--quick"])
     assert os.path.normpath(quick.out) == os.path.join("runs", "quick")
-    assert (quick.steps, quick.n_memo, quick.n_train, quick.n_samples) == (100, 100, 2000, 100)
+    assert (quick.steps, quick.n_memo, quick.n_train, quick.n_samples, quick.T) == (100, 100, 2000, 100, 200)
     assert m.parse_args(["--quick", "--out", "elsewhere"]).out == "elsewhere"
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, call_main, load_script, run_script
+from conftest import ROOT, THREADS, call_main, load_script, run_script
 
 m = load_script("04_train")
 # settings that are module constants, not flags: a launcher sets them, then calls main with the flags
@@ -53,7 +53,7 @@ def train(tmp, *args, run="run", interrupt_at=None, **constants):
     """A small --quick run (SMALL) as a subprocess; returns (exit status, stdout, stderr)."""
     cmd = [sys.executable, launcher(tmp, interrupt_at, **constants), "--quick", "--out", tmp / "fig",
            "--run-dir", tmp / run, *args]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(THREADS)))
     proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
     return proc.returncode, proc.stdout, proc.stderr
@@ -117,6 +117,7 @@ def test_ddim_with_exact_model_recovers_point_data():
 
 
 # -- the script: outputs, checkpoint format, resume ---------------------------------------------------
+@pytest.mark.xdist_group("quick_04")  # with -n 2 --dist loadgroup: one worker, one 04 run
 def test_quick_run_writes_checkpoint_and_figures(quick_04):
     code, out, err, where = quick_04  # `04_train.py --quick` as a subprocess, once per session (05's tests use it)
     assert code == 0, err

@@ -210,6 +210,7 @@ FIGURES = ["05_quality.png", "05_grid.png", "05_exactness.png", "05_determinism.
            "05_interpolation.png"]
 
 
+@pytest.mark.xdist_group("quick_04")  # with -n 2 --dist loadgroup: one worker, one 04 run
 def test_script_quick_on_a_04_checkpoint_writes_every_figure(tmp_path, quick_04):
     rc, _, errs, where = quick_04  # `04_train.py --quick`, run once per session (test_04 checks what it wrote)
     assert rc == 0, errs
