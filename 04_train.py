@@ -55,7 +55,7 @@ WARMUP, GRAD_CLIP, HFLIP = 200, 1.0, False  # warmup steps, gradient-norm clip; 
 EMA_GAMMA = 6.94  # power-function EMA: the average's width is 10% of the run (Karras et al. 2024, EDM2)
 SAMPLE_EVERY, SAVE_EVERY, SAMPLE_STEPS = 500, 500, 20  # steps between grids, between checkpoints; DDIM steps
 EVAL_SAMPLES, CLF_STEPS, N_SHAPES = 500, 400, 10_000  # metric samples (0: skip), classifier steps; shapes
-SLOW_CPU_FLOPS = 64e9  # FLOP/s this UNet trains at in fp32 on 2 cores with AVX2 and no bf16 units (measured)
+SLOW_CPU_FLOPS = 64e9  # the budgets' rate: a wider UNet on 2 AVX2 cores, fp32 (this one: ~39 on a 2-core Xeon)
 QUICK = dict(steps=12, batch_size=16, base_ch=16, warmup=5, sample_every=6, save_every=8,  # --quick: at most
              sample_steps=5, eval_samples=32, clf_steps=8, n_shapes=2000)
 
@@ -271,7 +271,7 @@ def run_cost(args, model, n_classes, first_step):
                                                                                + 4 * args.eval_samples)
     total = sum(parts.values())
     print(f"this run computes {total / 1e12:.1f} TFLOP (" + ", ".join(f"{k} {v / 1e12:.1f}" for k, v in parts.items())
-          + f"): about {total / SLOW_CPU_FLOPS / 60:.0f} min on a 2-core CPU without bf16 units")
+          + f"): {total / SLOW_CPU_FLOPS / 60:.0f} min at the budgets' 64 GFLOP/s (2 CPU cores without bf16 units)")
 
 def train(args, state, net, images, shard, alpha_bar, x_fixed, autocast):
     """Train up to args.steps: progress, grids from fixed noise, checkpoints (Ctrl-C saves one). -> [(step, grid)]"""

@@ -18,7 +18,7 @@
    embedding. Pairs held out of its captions (HOLDOUT) test whether words compose. It trains with min-snr+1,
    1 + min(SNR, 5) on the x_0 error (--text-loss-weight): min-SNR starves the noisiest steps, where colour is decided.
 
-    python 06_condition.py                                # everything: about 20 min on a 2-core CPU
+    python 06_condition.py                                # everything: 77 TFLOP, 20 min at 64 GFLOP/s
     python 06_condition.py --prompt "a large green star"  # draw from a caption (reuses runs/06/text.pt)
     python 06_condition.py --quick                        # seconds: a smoke test, written to runs/quick/
 
@@ -286,7 +286,7 @@ def run_cost(args, tokenizer):
     parts["text sampling"] = text * args.sample_steps * (1 + (TEXT_SCALE not in (0, 1))) * n_text  # table + 10-row grid
     total = sum(parts.values())
     print(f"this run computes {total / 1e12:.1f} TFLOP (" + ", ".join(f"{k} {v / 1e12:.1f}" for k, v in parts.items())
-          + f"): about {total / SLOW_CPU_FLOPS / 60:.0f} min on a 2-core CPU without bf16 units")
+          + f"): {total / SLOW_CPU_FLOPS / 60:.0f} min at the budgets' 64 GFLOP/s (2 CPU cores without bf16 units)")
 
 # %% Experiment 1: guidance measured, both methods, the same noises at every scale
 @torch.no_grad()

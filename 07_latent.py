@@ -52,7 +52,7 @@ Z_CH, VAE_CH, VAE_LR, KL_WEIGHT = 4, 16, 3e-3, 1e-4  # latent channels, VAE widt
 UNETS = dict(pixel=(16, (1, 2, 4)), latent=(32, (1, 2, 2)))  # base channels, ch_mult: 04's on pixels, wider on latents
 LR, EMA_GAMMA, P_UNCOND = 2e-3, 6.94, 0.1  # lesson 04's peak lr (cosine to 0) and power EMA; 06's label dropout
 LORA_RANK, LORA_ALPHA = 2, 2.0
-SLOW_CPU_FLOPS = 64e9  # FLOP/s of lesson 04's UNet in fp32 on 2 cores without bf16 units (measured)
+SLOW_CPU_FLOPS = 64e9  # the budgets' FLOP/s for 2 CPU cores without bf16 units (lesson 04)
 FULL = dict(n_images=10_000, vae_steps=1600, vae_batch=32, batch=16, latent_batch=128, unet_tflop=25, warmup=100,
             sample_steps=20, eval_samples=250, clf_steps=400, lora_images=300, lora_steps=600, lora_batch=32,
             lora_samples=200)  # a fifth of the images held out; unet_tflop: the training FLOPs of each UNet
@@ -378,8 +378,8 @@ def run_cost(args):
     parts["LoRA"] = 3 * f["latent"] * args.lora_batch * args.lora_steps + 2 * args.lora_samples * sample
     f["total"] = sum(parts.values())
     print(f"this run computes {f['total'] / 1e12:.1f} TFLOP (" + ", ".join(f"{k} {v / 1e12:.1f}" for k, v in
-          parts.items()) + f"{', and the UNets by the clock' if args.seconds else ''}): about "
-          f"{f['total'] / SLOW_CPU_FLOPS / 60:.0f} min on a 2-core CPU without bf16 units")
+          parts.items()) + f"{', and the UNets by the clock' if args.seconds else ''}): "
+          f"{f['total'] / SLOW_CPU_FLOPS / 60:.0f} min at the budgets' 64 GFLOP/s (2 CPU cores without bf16 units)")
     return f
 
 # %% The lesson, start to finish

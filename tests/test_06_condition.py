@@ -265,7 +265,7 @@ def test_run_cost_is_printed_scales_with_steps_and_the_default_fits_its_budget(c
     def total(*argv):
         m.run_cost(m.parse_args(list(argv)), tok)
         out = capsys.readouterr().out
-        assert "min on a 2-core CPU without bf16 units" in out, out
+        assert "min at the budgets' 64 GFLOP/s (2 CPU cores without bf16 units)" in out, out
         return float(re.search(r"this run computes ([0-9.]+) TFLOP", out).group(1))
 
     default, longer = total(), total("--steps", str(m.parse_args([]).steps + 2400))
