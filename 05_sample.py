@@ -408,9 +408,9 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--ckpt", default="runs/04/ckpt.pt", help="a checkpoint from 04_train.py (with --quick: runs/quick/04/ckpt.pt)")
     a("--samplers", default="ddpm,ddim,dpm++2m,heun,dpm++2m-sde", help="which samplers the quality table compares")
-    a("--nfe", default="5,10,20,50", help="model evaluations per image for the quality table")
+    a("--nfe", default="5,10,20", help="model evaluations per image for the quality table")
     a("--ddpm-full", action="store_true", help="also DDPM over all T steps (1000 NFE: the slow reference)")
-    a("--samples", type=int, default=100, help="images per sampler and NFE for the Frechet distance")
+    a("--samples", type=int, default=250, help="images per sampler and NFE for the Frechet distance")
     a("--eta", type=float, default=0.0, help="DDIM's eta in the quality table (0 deterministic, 1 DDPM-like)")
     a("--spacing", choices=["time", "trailing", "logsnr"], help="timesteps for every sampler in the quality table "
       "(default: each its own: DDIM trailing, DPM-Solver++ logsnr, DDPM and Heun time)")
