@@ -169,7 +169,7 @@ def dpmpp_2m(model, x_T, alpha_bar, steps, spacing="logsnr", clip=False, sde=Fal
 def heun(model, x_T, alpha_bar, steps, spacing="time", clip=False):
     """Heun's method on dy/dsigma = eps (Karras et al. 2022, Alg. 1), then x_0. The first step, out of sigma = 2e4
     (T-1), is Euler: a trapezoid would multiply any gap between its two slopes by 2e4. With few steps the last one,
-    into t = 0, averages in the model's slope where almost no noise is left: speckle. 2 steps - 2 evaluations."""
+    into t = 0, averages in the model's slope where almost no noise is left: speckle. 2 x steps - 2 evaluations."""
     ts = timesteps(alpha_bar, steps, spacing)
     sig = lambda t: math.sqrt((1 - alpha_bar[t].item()) / alpha_bar[t].item())
     y = x_T / math.sqrt(alpha_bar[ts[0]].item())  # y = x0 + sigma eps: the variance-exploding view
@@ -190,7 +190,7 @@ SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpm++2m": dpmpp_2m, "heun": heun, "dpm+
 
 
 def steps_for(name, nfe):
-    """Steps that cost at most `nfe` model evaluations (Heun: 2 steps - 2, two a step but the first and last)."""
+    """Steps that cost at most `nfe` model evaluations (Heun: 2 x steps - 2: one for the first and last)."""
     return nfe // 2 + 1 if name == "heun" else nfe
 
 
