@@ -54,7 +54,7 @@ BASE_CH, CH_MULT = 16, (1, 2, 4)  # UNet width and multipliers: 16, 32, 64 chann
 WARMUP, GRAD_CLIP, HFLIP = 200, 1.0, False  # warmup steps, gradient-norm clip; HFLIP: random flips (photos)
 EMA_GAMMA = 6.94  # power-function EMA: the average's width is 10% of the run (Karras et al. 2024, EDM2)
 SAMPLE_EVERY, SAVE_EVERY, SAMPLE_STEPS = 500, 500, 20  # steps between grids, between checkpoints; DDIM steps
-EVAL_SAMPLES, CLF_STEPS, N_SHAPES = 250, 400, 10_000  # metric samples (0: skip), classifier steps; shapes
+EVAL_SAMPLES, CLF_STEPS, N_SHAPES = 250, 400, 10_000  # metric samples (0: skip; every lesson's N), judge steps; shapes
 SLOW_CPU_FLOPS = 64e9  # the budgets' FLOP/s: a wider UNet's, 2 AVX2 cores, fp32 (this one runs slower: README)
 QUICK = dict(steps=12, batch_size=16, base_ch=16, warmup=5, sample_every=6, save_every=8,  # --quick: at most
              sample_steps=5, eval_samples=32, clf_steps=8, n_shapes=2000)
