@@ -190,7 +190,7 @@ SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpm++2m": dpmpp_2m, "heun": heun, "dpm+
 
 
 def steps_for(name, nfe):
-    """Steps that cost at most `nfe` model evaluations (Heun: 2 x steps - 2: one for the first and last)."""
+    """Steps costing at most `nfe` model evaluations (Heun: 2 x steps - 2: two a step, one for the first and last)."""
     return nfe // 2 + 1 if name == "heun" else nfe
 
 
